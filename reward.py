@@ -1,0 +1,263 @@
+"""Reward functions for tempflow_grpo.py, all behind one interface.
+
+A reward is `fn(images, prompts) -> Tensor[B]`, images a float tensor [B, 3, H, W] in [0, 1], prompts B strings.
+`load_reward(spec, device)` builds a comma list of them once, `name[:weight]` or `path/to/file.py:function[:weight]`:
+
+    pickscore                 PickScore (logit_scale * cosine, about 21 to 24 for SD3.5-M); the GPU default
+    clipscore                 CLIP ViT-L/14 image-text cosine
+    jpeg_compressibility      minus the JPEG size in kB (DDPO); jpeg_incompressibility is the size
+    color                     offline: how close the pixels are to the colour the prompt names
+    geneval_toy               offline: GenEval-style checks of colour, count, shape, position; the --tiny default
+
+and returns a function giving {"reward": the weighted sum, each component's name: its score}, all Tensor[B].
+A model that is not on disk is looked up on the hub; offline, point at a local copy with the environment variables
+PICKSCORE_MODEL, PICKSCORE_PROCESSOR and CLIPSCORE_MODEL.
+"""
+import importlib.util
+import io
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+from torch import Tensor
+
+RewardFn = Callable[[Tensor, list[str]], Tensor]
+
+# ---------------------------------------------------------------- colours, shapes and the tiny world's grammar
+
+COLORS = {  # RGB in [0, 1]; the first four are the tiny world's palette
+    "red": (0.90, 0.10, 0.10), "green": (0.10, 0.75, 0.20), "blue": (0.15, 0.30, 0.95),
+    "yellow": (0.95, 0.85, 0.10), "orange": (1.00, 0.55, 0.00), "purple": (0.55, 0.20, 0.75),
+    "pink": (1.00, 0.60, 0.75), "cyan": (0.00, 0.85, 0.90), "white": (1.00, 1.00, 1.00),
+    "black": (0.00, 0.00, 0.00), "gray": (0.50, 0.50, 0.50), "brown": (0.55, 0.35, 0.15),
+}
+WORLD_COLORS = ("red", "green", "blue", "yellow")
+BACKGROUND = (0.08, 0.08, 0.08)
+SHAPES = ("circle", "square")
+POSITIONS = ("left", "right", "top", "bottom")
+NUMBERS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
+
+
+def color_word(prompt: str) -> str | None:
+    """The first colour named in the prompt."""
+    return next((w for w in prompt.lower().replace(",", " ").split() if w in COLORS), None)
+
+
+def parse_caption(prompt: str) -> dict:
+    """{count, color, shape, position} of a caption `a {color} {shape} on the {position}` or `{n} {color} {shape}s`;
+    a part the caption does not name is None."""
+    words = prompt.lower().replace(",", " ").split()
+    shape = next((w.rstrip("s") for w in words if w.rstrip("s") in SHAPES), None)
+    return dict(count=NUMBERS.get(words[0]) if words else None, color=color_word(prompt), shape=shape,
+                position=next((w for w in words if w in POSITIONS), None))
+
+
+# ---------------------------------------------------------------- geneval_toy
+
+MIN_BLOB = 12  # pixels (of 64 x 64); smaller connected sets of a colour are specks, not objects
+MATCH = 0.3    # RGB distance under which a pixel counts as a palette colour
+# A blob's polar second moment over that of a disc of the same area is 1 for a disc and pi/3 for a square, and
+# stays between them under blur: a blob above the midpoint is a square.
+SQUARE_MOMENT = (1 + math.pi / 3) / 2
+
+
+def blobs(image: np.ndarray, color: str) -> list[dict]:
+    """Connected blobs of one palette colour in an [H, W, 3] image in [0, 1]: area, centroid (x, y), moment."""
+    palette = np.array([BACKGROUND] + [COLORS[c] for c in WORLD_COLORS])
+    distance = np.linalg.norm(image[:, :, None, :] - palette, axis=-1)  # [H, W, 1 + colours]
+    nearest = distance.argmin(-1)
+    mask = (nearest == 1 + WORLD_COLORS.index(color)) & (distance.min(-1) < MATCH)
+    labels, _ = ndimage.label(mask)
+    found = []
+    for index in range(1, labels.max() + 1):
+        ys, xs = np.nonzero(labels == index)
+        if len(xs) >= MIN_BLOB:
+            # each pixel a unit square: its own polar moment is 1/6 about its centre
+            moment = ((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2).sum() + len(xs) / 6
+            found.append(dict(area=len(xs), centroid=(xs.mean() + 0.5, ys.mean() + 0.5),
+                              moment=moment / (len(xs) ** 2 / (2 * math.pi))))
+    return found
+
+
+def in_half(centroid: tuple, position: str, size: int) -> bool:
+    x, y = centroid
+    return {"left": x < size / 2, "right": x > size / 2, "top": y < size / 2, "bottom": y > size / 2}[position]
+
+
+def geneval_checks(image: np.ndarray, prompt: str) -> dict:
+    """GenEval-style pass/fail checks of one [H, W, 3] image against its caption: the asked colour is there, the
+    count of its blobs is right, every blob has the asked shape, the largest sits in the asked half."""
+    want = parse_caption(prompt)
+    if want["color"] not in WORLD_COLORS:
+        return {}
+    found = blobs(image, want["color"])
+    checks = dict(color=len(found) > 0)
+    if want["count"] is not None:
+        checks["count"] = len(found) == want["count"]
+    if want["shape"] is not None:
+        is_square = [b["moment"] > SQUARE_MOMENT for b in found]
+        checks["shape"] = len(found) > 0 and all(s == (want["shape"] == "square") for s in is_square)
+    if want["position"] is not None:
+        largest = max(found, key=lambda b: b["area"], default=None)
+        checks["position"] = largest is not None and in_half(largest["centroid"], want["position"], image.shape[0])
+    return checks
+
+
+def to_numpy(images: Tensor) -> np.ndarray:
+    return images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, 3]
+
+
+def geneval_toy(images: Tensor, prompts: list[str]) -> Tensor:
+    """Fraction of the caption's checks (colour, count, shape, position) that the image passes, in [0, 1]."""
+    scores = []
+    for image, prompt in zip(to_numpy(images), prompts):
+        checks = geneval_checks(image, prompt)
+        scores.append(sum(checks.values()) / len(checks) if checks else 0.0)
+    return torch.tensor(scores)
+
+
+def color(images: Tensor, prompts: list[str]) -> Tensor:
+    """How close the image's pixels are to the colour its prompt names: 1 - mean RGB distance / sqrt(3), in [0, 1]."""
+    target = torch.tensor([COLORS.get(color_word(p), (float("nan"),) * 3) for p in prompts])  # [B, 3]
+    distance = (images.float().cpu() - target[:, :, None, None]).norm(dim=1)  # [B, H, W]
+    return 1 - distance.mean(dim=(1, 2)) / 3**0.5
+
+
+# ---------------------------------------------------------------- JPEG size (DDPO)
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    return [Image.fromarray(a) for a in (to_numpy(images) * 255).round().astype(np.uint8)]
+
+
+def jpeg_incompressibility(images: Tensor, prompts: list[str]) -> Tensor:
+    """Size of the image as a JPEG of quality 95, in kB: noise is large, flat colour is small."""
+    sizes = []
+    for image in to_pil(images):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000)
+    return torch.tensor(sizes)
+
+
+def jpeg_compressibility(images: Tensor, prompts: list[str]) -> Tensor:
+    """Minus the JPEG size in kB: higher for images that compress well."""
+    return -jpeg_incompressibility(images, prompts)
+
+
+# ---------------------------------------------------------------- CLIP-based rewards, through transformers
+
+PICKSCORE = ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+CLIPSCORE = ("openai/clip-vit-large-patch14",) * 2
+
+
+def load_clip(model_id: str, processor_id: str, model_env: str, processor_env: str, device) -> tuple:
+    """A CLIPModel and its processor, from the environment's local paths when set, else from the hub."""
+    from transformers import AutoProcessor, CLIPModel
+
+    model_id, processor_id = os.environ.get(model_env, model_id), os.environ.get(processor_env, processor_id)
+    try:
+        model = CLIPModel.from_pretrained(model_id).eval().requires_grad_(False).to(device)
+        processor = AutoProcessor.from_pretrained(processor_id)
+    except (OSError, ValueError) as err:
+        missing = processor_id if isinstance(err, OSError) and processor_id in str(err) else model_id
+        raise SystemExit(f"error: cannot load {missing!r} for --reward (not on disk and the hub is unreachable): "
+                         f"download it with `hf download {missing}` or set {model_env}/{processor_env} to a local "
+                         f"copy") from None
+    return model, processor
+
+
+def clip_similarity(model, processor, device, scaled: bool) -> RewardFn:
+    """Cosine of CLIP's normalised image and text embeddings, times exp(logit_scale) when scaled (PickScore)."""
+    def score(images: Tensor, prompts: list[str]) -> Tensor:
+        inputs = processor(text=prompts, images=to_pil(images), padding=True, truncation=True,
+                           max_length=model.config.text_config.max_position_embeddings, return_tensors="pt")
+        out = model(**inputs.to(device))
+        cosine = (out.image_embeds * out.text_embeds).sum(-1)  # CLIPOutput's embeddings are already normalised
+        return (model.logit_scale.exp() * cosine if scaled else cosine).float().cpu()
+    return score
+
+
+def pickscore(device) -> RewardFn:
+    return clip_similarity(*load_clip(*PICKSCORE, "PICKSCORE_MODEL", "PICKSCORE_PROCESSOR", device), device, True)
+
+
+def clipscore(device) -> RewardFn:
+    return clip_similarity(*load_clip(*CLIPSCORE, "CLIPSCORE_MODEL", "CLIPSCORE_MODEL", device), device, False)
+
+
+# ---------------------------------------------------------------- load_reward: specs, weights, plug-ins
+
+BUILDERS = {  # name -> device -> RewardFn; each is built once per run
+    "pickscore": pickscore,
+    "clipscore": clipscore,
+    "jpeg_compressibility": lambda device: jpeg_compressibility,
+    "jpeg_incompressibility": lambda device: jpeg_incompressibility,
+    "color": lambda device: color,
+    "geneval_toy": lambda device: geneval_toy,
+}
+
+
+def parse_spec(spec: str) -> list[tuple[str, float]]:
+    """`a:1,b:0.5,file.py:fn` -> [(name, weight)]; checks every name before anything is built."""
+    parts = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, weight = part, 1.0
+        head, _, tail = part.rpartition(":")
+        if head and _is_number(tail):
+            name, weight = head, float(tail)
+        if ".py:" in name:
+            path = Path(name.rpartition(":")[0])
+            if not path.is_file():
+                raise SystemExit(f"error: --reward {part!r}: no file {str(path)!r}")
+        elif name not in BUILDERS:
+            raise SystemExit(f"error: --reward: unknown reward {name!r}; known: {', '.join(BUILDERS)}, "
+                             f"or path/to/file.py:function")
+        parts.append((name, weight))
+    if not parts:
+        raise SystemExit("error: --reward is empty; give e.g. pickscore or geneval_toy")
+    return parts
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load_plugin(name: str) -> RewardFn:
+    """`path/to/file.py:function` -> that function."""
+    path, _, function = name.rpartition(":")
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, function, None)):
+        raise SystemExit(f"error: --reward {name!r}: {path} has no function {function!r}")
+    return getattr(module, function)
+
+
+def load_reward(spec: str, device="cpu", batch_size: int = 32) -> Callable[[Tensor, list[str]], dict[str, Tensor]]:
+    """Build the rewards of a spec once; the result scores under no_grad, in batches of at most batch_size, and
+    returns {"reward": sum of weight * component, name: component} as float32 Tensor[B] on the CPU. A sample with a
+    non-finite component has a non-finite reward: the training loop leaves it out of its group."""
+    parts = parse_spec(spec)
+    fns = {name: load_plugin(name) if ".py:" in name else BUILDERS[name](device) for name, _ in parts}
+
+    @torch.no_grad()
+    def score(images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+        assert len(images) == len(prompts), f"{len(images)} images but {len(prompts)} prompts"
+        out = {}
+        for name, fn in fns.items():
+            chunks = [torch.as_tensor(fn(images[i:i + batch_size], prompts[i:i + batch_size]), dtype=torch.float32)
+                      for i in range(0, len(images), batch_size)]
+            out[name] = torch.cat([c.cpu().reshape(-1) for c in chunks])
+            assert out[name].shape == (len(images),), f"reward {name} gave {out[name].shape[0]} scores for {len(images)} images"
+        out["reward"] = sum(weight * out[name] for name, weight in parts)
+        return out
+    return score
