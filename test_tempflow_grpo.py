@@ -1,10 +1,14 @@
 """Properties of tempflow_grpo.py, one per test. CPU only, offline, on tiny pipelines built in code."""
+import json
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+import reward
 import tempflow_grpo as tg
 
 # SPEC section 1 and 5: the reference grid (T = 10, shift 3) and its noise-aware weights for k = 0..8.
@@ -170,3 +174,418 @@ def test_missing_model_fails_with_one_line_naming_it():
         tg.load_pipeline("no-such-org/no-such-model")
     message = str(err.value)
     assert "\n" not in message and "no-such-org/no-such-model" in message and "--model" in message
+
+
+# ---------------------------------------------------------------- rewards
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIPModel and its processor, saved where PickScore's and CLIP's would be downloaded."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+    tokenizer = tg._tiny_clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8, logit_scale_init_value=3.0)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_clip")
+    CLIPModel(config).save_pretrained(path)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(path)
+    return str(path)
+
+
+def reference_clip_scores(path, images, prompts):
+    """logit_scale, and the cosine of normalised image and text embeddings, computed without reward.py."""
+    from transformers import AutoProcessor, CLIPModel
+
+    model, processor = CLIPModel.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+    pil = [reward.Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for im in images]
+    with torch.no_grad():
+        image = model.get_image_features(**processor(images=pil, return_tensors="pt")).pooler_output
+        text = model.get_text_features(**processor(text=prompts, padding=True, return_tensors="pt")).pooler_output
+    cosine = torch.nn.functional.cosine_similarity(image, text)
+    return model.logit_scale.exp().item(), cosine
+
+
+def test_pickscore_is_logit_scale_times_cosine(tiny_clip_dir, monkeypatch):
+    """pickscore, loaded through its own loading code from a local copy, is exp(logit_scale) * cosine."""
+    monkeypatch.setenv("PICKSCORE_MODEL", tiny_clip_dir)
+    monkeypatch.setenv("PICKSCORE_PROCESSOR", tiny_clip_dir)
+    images, prompts = torch.rand(3, 3, 40, 40), ["a red ball", "two blue squares", "a green circle on the left"]
+    scores = reward.load_reward("pickscore")(images, prompts)
+    scale, cosine = reference_clip_scores(tiny_clip_dir, images, prompts)
+    assert torch.allclose(scores["pickscore"], scale * cosine, atol=1e-5)
+
+
+def test_clipscore_is_the_cosine(tiny_clip_dir, monkeypatch):
+    """clipscore is the plain cosine of CLIP's normalised image and text embeddings."""
+    monkeypatch.setenv("CLIPSCORE_MODEL", tiny_clip_dir)
+    images, prompts = torch.rand(2, 3, 32, 32), ["a red ball", "a blue ball"]
+    _, cosine = reference_clip_scores(tiny_clip_dir, images, prompts)
+    assert torch.allclose(reward.load_reward("clipscore")(images, prompts)["reward"], cosine, atol=1e-5)
+
+
+def test_missing_reward_model_fails_with_one_line(monkeypatch):
+    """A reward model that is neither on disk nor reachable fails with one line naming it and the variable."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network: fail at once, no retries
+    monkeypatch.setenv("PICKSCORE_MODEL", "no-such-org/no-such-pickscore")
+    with pytest.raises(SystemExit) as err:
+        reward.load_reward("pickscore")
+    assert "\n" not in str(err.value) and "no-such-org/no-such-pickscore" in str(err.value)
+    assert "PICKSCORE_MODEL" in str(err.value)
+
+
+def test_flat_image_is_more_jpeg_compressible_than_noise():
+    """A flat image compresses to fewer kB than noise."""
+    images = torch.stack([torch.full((3, 64, 64), 0.5), torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))])
+    compress = reward.jpeg_compressibility(images, ["", ""])
+    assert compress[0] > compress[1]
+    assert torch.equal(reward.jpeg_incompressibility(images, ["", ""]), -compress)
+
+
+def test_color_reward_follows_the_prompt():
+    """A red image beats a blue one for `a red ball`, and the reverse for `a blue ball`."""
+    red, blue = torch.zeros(3, 32, 32), torch.zeros(3, 32, 32)
+    red[0], blue[2] = 1.0, 1.0
+    images = torch.stack([red, blue])
+    for_red, for_blue = reward.color(images, ["a red ball"] * 2), reward.color(images, ["a blue ball"] * 2)
+    assert for_red[0] > for_red[1] and for_blue[1] > for_blue[0]
+
+
+def test_weighted_sum_reports_every_component():
+    """`color:2,jpeg_compressibility:0.5` gives both components and their weighted sum."""
+    images, prompts = torch.rand(3, 3, 32, 32), ["a red ball", "a blue ball", "a green ball"]
+    scores = reward.load_reward("color:2,jpeg_compressibility:0.5")(images, prompts)
+    assert set(scores) == {"reward", "color", "jpeg_compressibility"}
+    assert torch.allclose(scores["reward"], 2 * scores["color"] + 0.5 * scores["jpeg_compressibility"])
+
+
+def test_plugin_reward_from_a_file_is_called_in_capped_batches(tmp_path):
+    """`file.py:function` loads the user's function; it never sees more than batch_size images at once."""
+    (tmp_path / "mine.py").write_text("def brightness(images, prompts):\n"
+                                      "    assert len(images) <= 3, f'called with {len(images)} images'\n"
+                                      "    return images.mean(dim=(1, 2, 3))\n")
+    images = torch.rand(7, 3, 8, 8)
+    fn = reward.load_reward(f"{tmp_path / 'mine.py'}:brightness:3", batch_size=3)
+    assert torch.allclose(fn(images, [""] * 7)["reward"], 3 * images.mean(dim=(1, 2, 3)))
+
+
+def test_unknown_reward_lists_the_known_ones_before_loading_any_model(monkeypatch):
+    """An unknown name exits with the list of known rewards, before the valid ones before it are built."""
+    monkeypatch.setenv("PICKSCORE_MODEL", "/no/such/model")  # loading pickscore would fail with another message
+    with pytest.raises(SystemExit) as err:
+        reward.load_reward("pickscore,sharpness")
+    assert "'sharpness'" in str(err.value) and "geneval_toy" in str(err.value) and "color" in str(err.value)
+
+
+def test_non_finite_component_makes_that_sample_non_finite_only(tmp_path):
+    """A plug-in's NaN for one image makes that sample's reward NaN and leaves the others finite."""
+    (tmp_path / "flaky.py").write_text("import torch\n"
+                                       "def flaky(images, prompts):\n"
+                                       "    return torch.tensor([float('nan') if p == 'bad' else 1.0 for p in prompts])\n")
+    scores = reward.load_reward(f"{tmp_path / 'flaky.py'}:flaky,color")(torch.rand(3, 3, 8, 8), ["a red", "bad", "a red"])
+    assert torch.isfinite(scores["reward"]).tolist() == [True, False, True]
+
+
+# ---------------------------------------------------------------- rollouts
+
+def tiny_rollout(pipe, branches, steps=6, branch_steps=(0, 2, 4), n=2, guidance=4.5, max_batch=1024, seed=0):
+    """A rollout of n initial noises of two prompts on the tiny pipeline."""
+    embeds = tg.encode_prompts(pipe, ["a red circle on the left", "two blue squares"])
+    gen = torch.Generator().manual_seed(seed)
+    noise = tg.initial_noise(pipe, n, 64, gen)
+    sigmas = tg.sigma_grid(pipe.scheduler, steps)
+    out = tg.rollout(pipe.transformer, noise, embeds.take(torch.arange(n) % 2), sigmas, list(branch_steps), branches,
+                     0.7, guidance, max_batch, gen)
+    return out, embeds.take(torch.arange(n) % 2), sigmas
+
+
+def test_branches_share_their_state_and_differ_only_in_the_sde_noise(pipe):
+    """Credit localization: the G branches of one (noise, k) leave the same x_k, differ only by their SDE noise
+    at k, and the ODE from a recorded y_k reproduces that branch's final latent."""
+    out, embeds, sigmas = tiny_rollout(pipe, branches=3)
+    for noise in range(2):
+        for k in (0, 2, 4):
+            rows = ((out.step == k) & (out.image_noise[out.image] == noise)).nonzero().flatten()
+            assert len(rows) == 3
+            assert all(torch.equal(out.x[rows[0]], out.x[r]) for r in rows), "branches of a group left different x_k"
+            assert not torch.equal(out.y[rows[0]], out.y[rows[1]]), "two branches drew the same SDE noise"
+    row = ((out.step == 2) & (out.image_noise[out.image] == 1)).nonzero()[0, 0]
+    with torch.no_grad():
+        finished = tg.ode_rollout(pipe.transformer, out.y[row:row + 1], sigmas, embeds.take([1]), 4.5, start=3)
+    assert torch.allclose(finished, out.latents[out.image[row]][None], atol=1e-5)
+
+
+def test_sde_rollout_records_every_branch_step_of_each_sample(pipe):
+    """Flow-GRPO's rollout: one image per initial noise, one recorded transition per branch step, chained."""
+    out, _, _ = tiny_rollout(pipe, branches=0)
+    assert len(out.latents) == 2 and (out.image_step == -1).all()
+    for sample in range(2):
+        rows = (out.image == sample).nonzero().flatten()
+        assert out.step[rows].tolist() == [0, 2, 4]
+        assert not torch.equal(out.y[rows[0]], out.x[rows[1]])  # an ODE step (index 1) lies between 0 and 2
+
+
+@pytest.mark.parametrize("kind", ["branch", "sde"])
+def test_rollout_costs_spec_formula_in_t_transformer_calls(pipe, kind):
+    """Latents through the transformer equal SPEC's count (279 per seed for T = 10, B = 0..8, G = 6, times 2 for
+    CFG), in T calls when nothing is chunked, and in more calls, with the same count, under a small max_batch."""
+    branches, steps, branch_steps = (6 if kind == "branch" else 0), 10, list(range(9))
+    formula = tg.rollout_nfe(kind, steps, branch_steps, 6, 4.5)
+    assert formula == (2 * 279 if kind == "branch" else 2 * 10)
+    for max_batch, expect_calls in ((1024, steps), (2, None)):
+        latents = []  # one entry per transformer call
+        hook = pipe.transformer.register_forward_hook(
+            lambda m, a, kw, o: latents.append(len(kw["hidden_states"])), with_kwargs=True)
+        try:
+            tiny_rollout(pipe, branches, steps, branch_steps, n=2, max_batch=max_batch)
+        finally:
+            hook.remove()
+        assert sum(latents) == 2 * formula and max(latents) <= max_batch
+        assert len(latents) == expect_calls if expect_calls else len(latents) > steps
+
+
+# ---------------------------------------------------------------- advantages and the loss
+
+def test_group_advantages_are_standardised_per_group():
+    """Each group's advantages have mean 0 and (population) std 1; equal rewards give 0, not NaN."""
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.cat([torch.randn(6, generator=gen), torch.randn(6, generator=gen) * 3 + 2, torch.full((6,), 0.5)])
+    groups = torch.arange(3).repeat_interleave(6)
+    adv, zero_std = tg.group_advantages(rewards, groups)
+    for g in range(2):
+        a = adv[groups == g].double()
+        assert abs(a.mean()) < 1e-6 and abs(a.std(unbiased=False) - 1) < 1e-3
+    assert torch.equal(adv[groups == 2], torch.zeros(6)) and zero_std.tolist() == [False] * 12 + [True] * 6
+
+
+def test_group_advantages_are_clipped_and_skip_non_finite_rewards():
+    """Advantages stay within [-5, 5]; a NaN reward gets A = 0 and leaves its group's statistics alone."""
+    rewards = torch.tensor([0.0] * 99 + [1.0])
+    adv, _ = tg.group_advantages(rewards, torch.zeros(100, dtype=torch.long))
+    assert adv.max() == 5.0 and adv.min() > -5
+    with_nan = torch.tensor([1.0, 2.0, 3.0, float("nan")])
+    adv, _ = tg.group_advantages(with_nan, torch.zeros(4, dtype=torch.long))
+    clean, _ = tg.group_advantages(with_nan[:3], torch.zeros(3, dtype=torch.long))
+    assert torch.isfinite(adv).all() and adv[3] == 0 and torch.allclose(adv[:3], clean)
+
+
+@pytest.fixture()
+def lora_pipe():
+    pipe = tg.build_tiny_pipeline(seed=0)
+    return pipe, tg.add_lora(pipe.transformer, rank=4)
+
+
+def tiny_batch(pipe, advantage):
+    """The branch rollout's transitions as a training batch with one advantage for all."""
+    out, _, sigmas = tiny_rollout(pipe, branches=2)
+    return tg.Batch(out.x, out.y, out.log_prob, out.step, out.image_noise[out.image] % 2,
+                    torch.full_like(out.log_prob, advantage)), sigmas
+
+
+def test_first_training_pass_has_ratio_one_and_zero_kl(lora_pipe):
+    """Re-scoring freshly sampled transitions with the same policy gives ratio 1 and, before any update (B = 0),
+    KL 0 to the base model."""
+    pipe, _ = lora_pipe
+    batch, sigmas = tiny_batch(pipe, 1.0)
+    args = tg.Args(guidance=4.5, beta=0.004)
+    embeds = tg.encode_prompts(pipe, ["a red circle on the left", "two blue squares"])
+    _, stats = tg.transition_loss(pipe.transformer, batch, torch.arange(len(batch.x)), embeds, sigmas,
+                                  torch.ones(6), args)
+    assert abs(stats["ratio_mean"] - 1) < 1e-6 and stats["clipfrac"] == 0
+    assert stats["kl"] == 0
+
+
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+def test_one_update_moves_the_log_prob_with_the_advantage(lora_pipe, advantage):
+    """One optimizer step on transitions with positive advantage raises their log-probability; negative lowers it."""
+    pipe, params = lora_pipe
+    batch, sigmas = tiny_batch(pipe, advantage)
+    embeds = tg.encode_prompts(pipe, ["a red circle on the left", "two blue squares"])
+    args = tg.Args(guidance=4.5, beta=0.0, clip_range=0.2, optimizer_steps=1, max_batch=1024)
+    rows = torch.arange(len(batch.x))
+    optimizer = torch.optim.SGD(params, lr=1e-3)
+    tg.update(pipe.transformer, params, optimizer, batch, embeds, sigmas, torch.ones(6), args, torch.Generator())
+    with torch.no_grad():
+        _, stats = tg.transition_loss(pipe.transformer, batch, rows, embeds, sigmas, torch.ones(6), args)
+    # ratio = pi_new / pi_old over the same transitions: above 1 means their log-probability rose
+    assert (stats["ratio_mean"] - 1) * advantage > 0
+
+
+# ---------------------------------------------------------------- long runs
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    """The random tiny pipeline saved as a model folder, so runs load it as they would SD3.5."""
+    path = tmp_path_factory.mktemp("random_model")
+    tg.build_tiny_pipeline(seed=0).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a red circle on the left\n\ntwo blue squares\nthree green circles\n")
+    return str(path)
+
+
+def quick_args(model, prompts, out, *extra):
+    """A run of a few seconds an epoch on the random tiny pipeline."""
+    return tg.parse_args(["--tiny", "--model", model, "--prompt-file", prompts, "--out", str(out), "--reward", "color",
+                          "--steps", "4", "--branches", "2", "--seeds-per-prompt", "1", "--prompts-per-epoch", "2",
+                          "--lr", "3e-2", "--clip-range", "0.2", "--save-every", "1", *extra])
+
+
+def lora_of(out):
+    from safetensors.torch import load_file
+
+    return load_file(next((out / "checkpoints").glob("epoch_*")) / "lora.safetensors")
+
+
+def test_resume_continues_exactly(random_model, prompt_file, tmp_path):
+    """4 epochs straight, and 2 epochs then --resume to 4, give the same LoRA and the same metrics rows."""
+    straight = tg.train(quick_args(random_model, prompt_file, tmp_path / "a", "--epochs", "4"))
+    tg.train(quick_args(random_model, prompt_file, tmp_path / "b", "--epochs", "2"))
+    tg.train(quick_args(random_model, prompt_file, tmp_path / "b", "--epochs", "4", "--resume"))
+    a, b = lora_of(tmp_path / "a"), lora_of(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k), "the LoRA never moved: the test would prove nothing"
+    rows_b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows_b) == 4
+    for x, y in zip(straight, rows_b):
+        assert {k: v for k, v in x.items() if k != "wall_s"} == {k: v for k, v in y.items() if k != "wall_s"}
+
+
+def test_out_folder_of_another_run_is_refused(random_model, prompt_file, tmp_path):
+    """An --out holding a run of another configuration, or this run without --resume, is refused."""
+    tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "1"))
+    with pytest.raises(SystemExit, match="--lr"):
+        tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "1", "--lr", "1e-3"))
+    with pytest.raises(SystemExit, match="--resume"):
+        tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "1"))
+
+
+def test_checkpoint_interrupted_mid_write_leaves_the_previous_one(random_model, prompt_file, tmp_path, monkeypatch):
+    """A crash while writing a checkpoint leaves the previous complete checkpoint loadable by --resume."""
+    tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "1"))
+    before = lora_of(tmp_path)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(tg.torch, "save", crash)
+    with pytest.raises(OSError):
+        tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "2", "--resume"))
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] != ["epoch_000001"]  # the half-written one is there
+    pipe = tg.build_tiny_pipeline(0)
+    tg.add_lora(pipe.transformer, json.loads((tmp_path / "config.json").read_text())["lora_rank"])
+    optimizer = torch.optim.AdamW([p for p in pipe.transformer.parameters() if p.requires_grad])
+    state = tg.load_checkpoint(tmp_path, pipe.transformer, optimizer, torch.Generator())
+    assert state["epoch"] == 1 and lora_of(tmp_path).keys() == before.keys()
+
+
+def test_sigint_saves_a_checkpoint_and_exits_non_zero(random_model, prompt_file, tmp_path):
+    """SIGINT during a run: the epoch finishes, a checkpoint is written, the exit status is 128 + SIGINT."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "tempflow_grpo.py"] + [a for a in sys_argv_of(random_model, prompt_file, tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT, proc.stderr.read()
+    state = json.loads(next((tmp_path / "checkpoints").glob("epoch_*")).joinpath("state.json").read_text())
+    assert 1 <= state["epoch"] < 1000 and state["metrics_rows"] == len(metrics.read_text().splitlines())
+
+
+def sys_argv_of(model, prompts, out):
+    return ["--tiny", "--model", model, "--prompt-file", prompts, "--out", str(out), "--reward", "color",
+            "--steps", "4", "--branches", "2", "--seeds-per-prompt", "1", "--prompts-per-epoch", "1",
+            "--epochs", "1000", "--save-every", "1000"]
+
+
+def test_run_writes_config_metrics_evaluations_images_and_lora(random_model, prompt_file, tmp_path):
+    """A run leaves config.json, one metrics row per epoch with the logged fields and eval rewards, image grids
+    and the final LoRA."""
+    rows = tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "2", "--eval-prompt-file",
+                               prompt_file, "--eval-every", "1", "--eval-steps", "3", "--image-every", "1"))
+    fields = {"epoch", "reward_mean", "reward_std", "nfe", "wall_s", "loss", "policy_loss", "kl", "clipfrac",
+              "ratio_mean", "zero_std_frac", "eval_reward"}
+    assert all(fields <= row.keys() for row in rows) and rows[1]["nfe"] > rows[0]["nfe"] > 0
+    assert json.loads((tmp_path / "config.json").read_text())["rollout"] == "branch"
+    assert len(list((tmp_path / "images").glob("*.png"))) == 4
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_exported_lora_reproduces_the_trained_model():
+    """save_lora writes diffusers' format: load_lora_weights on a fresh pipeline gives the trained ODE samples."""
+    trained = tg.build_tiny_pipeline(0)
+    tg.add_lora(trained.transformer, 4)
+    with torch.no_grad():
+        for name, p in trained.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    fresh = tg.build_tiny_pipeline(0)
+
+    def sample(pipe):
+        noise = tg.initial_noise(pipe, 2, 64, torch.Generator().manual_seed(0))
+        embeds = tg.encode_prompts(pipe, ["a red circle on the left", "two blue squares"])
+        with torch.no_grad():
+            return tg.ode_rollout(pipe.transformer, noise, tg.sigma_grid(pipe.scheduler, 4), embeds, 4.5)
+    base = sample(fresh)
+    with tempfile.TemporaryDirectory() as folder:
+        tg.save_lora(trained, Path(folder))
+        fresh.load_lora_weights(folder)
+    assert not torch.allclose(sample(trained), base, atol=1e-3), "the LoRA changes nothing: the test is empty"
+    assert torch.allclose(sample(fresh), sample(trained), atol=1e-5)
+
+
+def test_non_finite_loss_skips_the_update(lora_pipe):
+    """A NaN in the loss skips that optimizer step: the weights stay as they were and the skip is counted."""
+    pipe, params = lora_pipe
+    batch, sigmas = tiny_batch(pipe, 1.0)
+    batch = batch._replace(advantage=torch.where(torch.arange(len(batch.x)) == 0, float("nan"), 1.0))
+    before = [p.detach().clone() for p in params]
+    args = tg.Args(guidance=4.5, beta=0.0, optimizer_steps=1, max_batch=1024)
+    embeds = tg.encode_prompts(pipe, ["a red circle on the left", "two blue squares"])
+    stats = tg.update(pipe.transformer, params, torch.optim.AdamW(params, lr=1e-2), batch, embeds, sigmas,
+                      torch.ones(6), args, torch.Generator())
+    assert stats["skipped_updates"] == 1 and all(torch.equal(a, b) for a, b in zip(before, params))
+
+
+@pytest.mark.parametrize("flags, content, flag", [
+    ([], None, "--prompt-file"),                      # missing
+    ([], b"", "--prompt-file"),                       # empty
+    ([], b"\n  \n\n", "--prompt-file"),               # only blank lines
+    ([], b"\xff\xfe a red ball\n", "--prompt-file"),  # not UTF-8
+    (["--branches", "1"], b"a", "--branches"),
+    (["--branch-steps", "0-9"], b"a", "--branch-steps"),
+    (["--branch-steps", "x"], b"a", "--branch-steps"),
+    (["--steps", "1"], b"a", "--steps"),
+    (["--noise-level", "0"], b"a", "--noise-level"),
+    (["--resolution", "500"], b"a", "--resolution"),
+    (["--method", "ppo"], b"a", "--method"),
+    (["--rollout", "sde", "--group", "seed"], b"a", "--group"),
+    (["--reward", "aesthetic"], b"a", "--reward"),
+])
+def test_bad_input_fails_with_one_line_naming_the_flag(tmp_path, monkeypatch, flags, content, flag):
+    """Each bad input exits with one line that names its flag, before any model is loaded."""
+    monkeypatch.setattr(tg, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    path = tmp_path / "prompts.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as err:
+        tg.main(["--prompt-file", str(path), "--out", str(tmp_path / "run"), *flags])
+    assert str(err.value).startswith("error:") and "\n" not in str(err.value) and flag in str(err.value)
