@@ -62,8 +62,9 @@ def parse_caption(prompt: str) -> dict:
 MIN_BLOB = 12  # pixels (of 64 x 64); smaller connected sets of a colour are specks, not objects
 MATCH = 0.3    # RGB distance under which a pixel counts as a palette colour
 # A blob's polar second moment over that of a disc of the same area is 1 for a disc and pi/3 for a square, and
-# stays between them under blur: a blob above the midpoint is a square.
-SQUARE_MOMENT = (1 + math.pi / 3) / 2
+# stays between them under blur. Its squareness ramps from 0 to 1 over the middle half of that interval; above 1/2
+# the blob is a square.
+OBJECT_AREA = 64  # pixels: the smallest drawn object (radius 5) covers about 78
 
 
 def blobs(image: np.ndarray, color: str) -> list[dict]:
@@ -84,28 +85,35 @@ def blobs(image: np.ndarray, color: str) -> list[dict]:
     return found
 
 
-def in_half(centroid: tuple, position: str, size: int) -> bool:
+def toward(centroid: tuple, position: str, size: int) -> float:
+    """Signed distance in pixels of a centroid from the image's midline, positive on the `position` side."""
     x, y = centroid
-    return {"left": x < size / 2, "right": x > size / 2, "top": y < size / 2, "bottom": y > size / 2}[position]
+    return {"left": size / 2 - x, "right": x - size / 2, "top": size / 2 - y, "bottom": y - size / 2}[position]
 
 
-def geneval_checks(image: np.ndarray, prompt: str) -> dict:
-    """GenEval-style pass/fail checks of one [H, W, 3] image against its caption: the asked colour is there, the
-    count of its blobs is right, every blob has the asked shape, the largest sits in the asked half."""
-    want = parse_caption(prompt)
+def geneval_checks(image: np.ndarray, prompt: str, soft: bool = False) -> dict:
+    """GenEval-style checks of one [H, W, 3] image against its caption: the asked colour is there, its blobs are as
+    many as asked, every one has the asked shape, the largest sits in the asked half. soft=False gives pass/fail;
+    soft=True a score in [0, 1] per check that moves with the image, for a reward that separates near-equal samples:
+    colour area up to one small object, 1 / (1 + count error), squareness (0 for a disc, 1 for a square, a ramp
+    between), and distance past the midline up to an eighth of the image."""
+    want, size = parse_caption(prompt), image.shape[0]
     if want["color"] not in WORLD_COLORS:
         return {}
     found = blobs(image, want["color"])
-    checks = dict(color=len(found) > 0)
+    scores = dict(color=min(1.0, sum(b["area"] for b in found) / OBJECT_AREA) if soft else len(found) > 0)
     if want["count"] is not None:
-        checks["count"] = len(found) == want["count"]
+        error = abs(len(found) - want["count"])
+        scores["count"] = 1 / (1 + error) if soft else error == 0
     if want["shape"] is not None:
-        is_square = [b["moment"] > SQUARE_MOMENT for b in found]
-        checks["shape"] = len(found) > 0 and all(s == (want["shape"] == "square") for s in is_square)
+        square = [np.clip(2 * (b["moment"] - 1) / (math.pi / 3 - 1) - 0.5, 0, 1) for b in found]
+        fits = [q if want["shape"] == "square" else 1 - q for q in square]
+        scores["shape"] = float(np.mean(fits)) if soft and fits else len(fits) > 0 and min(fits) > 0.5
     if want["position"] is not None:
         largest = max(found, key=lambda b: b["area"], default=None)
-        checks["position"] = largest is not None and in_half(largest["centroid"], want["position"], image.shape[0])
-    return checks
+        past = toward(largest["centroid"], want["position"], size) if largest else -size
+        scores["position"] = float(np.clip(0.5 + past / (size / 8), 0, 1)) if soft else past > 0
+    return scores
 
 
 def to_numpy(images: Tensor) -> np.ndarray:
@@ -113,12 +121,12 @@ def to_numpy(images: Tensor) -> np.ndarray:
 
 
 def geneval_toy(images: Tensor, prompts: list[str]) -> Tensor:
-    """Fraction of the caption's checks (colour, count, shape, position) that the image passes, in [0, 1]."""
+    """Mean of the caption's soft checks (colour, count, shape, position), in [0, 1]; 1 for a drawn caption."""
     scores = []
     for image, prompt in zip(to_numpy(images), prompts):
-        checks = geneval_checks(image, prompt)
+        checks = geneval_checks(image, prompt, soft=True)
         scores.append(sum(checks.values()) / len(checks) if checks else 0.0)
-    return torch.tensor(scores)
+    return torch.tensor(scores, dtype=torch.float32)
 
 
 def color(images: Tensor, prompts: list[str]) -> Tensor:
@@ -257,7 +265,7 @@ def load_reward(spec: str, device="cpu", batch_size: int = 32) -> Callable[[Tens
             chunks = [torch.as_tensor(fn(images[i:i + batch_size], prompts[i:i + batch_size]), dtype=torch.float32)
                       for i in range(0, len(images), batch_size)]
             out[name] = torch.cat([c.cpu().reshape(-1) for c in chunks])
-            assert out[name].shape == (len(images),), f"reward {name} gave {out[name].shape[0]} scores for {len(images)} images"
+            assert out[name].shape == (len(images),), f"reward {name}: {len(out[name])} scores, {len(images)} images"
         out["reward"] = sum(weight * out[name] for name, weight in parts)
         return out
     return score
