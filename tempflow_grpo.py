@@ -448,20 +448,19 @@ def decode_latents(pipe, latents: Tensor) -> Tensor:
     return pipe.image_processor.postprocess(images.float(), output_type="pt")
 
 
-def read_prompts(path: str) -> list[str]:
+def read_prompts(path: str, flag: str = "--prompt-file") -> list[str]:
     """Non-blank lines of a UTF-8 text file, or one line saying what is wrong with it."""
     file = Path(path)
     if not path:
-        raise SystemExit("error: --prompt-file is required")
+        raise SystemExit(f"error: {flag} is required")
     if not file.is_file():
-        raise SystemExit(f"error: --prompt-file {path!r} does not exist")
+        raise SystemExit(f"error: {flag} {path!r} does not exist")
     try:
         prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as err:
-        raise SystemExit(f"error: --prompt-file {path!r} is not UTF-8 text ({err.reason} at byte {err.start})"
-                         ) from None
+        raise SystemExit(f"error: {flag} {path!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not prompts:
-        raise SystemExit(f"error: --prompt-file {path!r} has no prompts (it is empty or only blank lines)")
+        raise SystemExit(f"error: {flag} {path!r} has no prompts (it is empty or only blank lines)")
     return prompts
 
 
@@ -837,7 +836,7 @@ def setup(args: Args, device: torch.device) -> tuple:
 def train(args: Args) -> list[dict]:
     """The whole run, resumable; returns the metrics rows of the epochs it ran."""
     prompt_list = read_prompts(args.prompt_file)
-    eval_prompts = read_prompts(args.eval_prompt_file) if args.eval_prompt_file else []
+    eval_prompts = read_prompts(args.eval_prompt_file, "--eval-prompt-file") if args.eval_prompt_file else []
     out, device = prepare_out(args), torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reward_fn = load_reward(args.reward, device)
     pipe, params, optimizer = setup(args, device)
@@ -948,7 +947,7 @@ def finalize(args: Args) -> Args:
         check(value in choices.split(), f"--{flag} {value!r} is unknown; choose one of {choices.replace(' ', ', ')}")
     read_prompts(args.prompt_file)
     if args.eval_prompt_file:
-        read_prompts(args.eval_prompt_file)
+        read_prompts(args.eval_prompt_file, "--eval-prompt-file")
     check(args.steps >= 2, f"--steps {args.steps}: need at least 2 sampling steps")
     try:
         steps = parse_branch_steps(args.branch_steps, args.steps)

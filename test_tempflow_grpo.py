@@ -576,6 +576,7 @@ def test_non_finite_loss_skips_the_update(lora_pipe):
     ([], b"", "--prompt-file"),                       # empty
     ([], b"\n  \n\n", "--prompt-file"),               # only blank lines
     ([], b"\xff\xfe a red ball\n", "--prompt-file"),  # not UTF-8
+    (["--eval-prompt-file", "/no/such/file"], b"a", "--eval-prompt-file"),
     (["--branches", "1"], b"a", "--branches"),
     (["--branch-steps", "0-9"], b"a", "--branch-steps"),
     (["--branch-steps", "x"], b"a", "--branch-steps"),
