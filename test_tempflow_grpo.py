@@ -571,6 +571,18 @@ def test_non_finite_loss_skips_the_update(lora_pipe):
     assert stats["skipped_updates"] == 1 and all(torch.equal(a, b) for a, b in zip(before, params))
 
 
+def test_cuda_out_of_memory_names_the_flags_that_fix_it(random_model, prompt_file, tmp_path, monkeypatch):
+    """Out of GPU memory in an epoch ends the run with one line that names --max-batch and --gradient-checkpointing."""
+    def collect(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tg, "collect", collect)
+    with pytest.raises(SystemExit) as exit_info:
+        tg.train(quick_args(random_model, prompt_file, tmp_path / "oom", "--epochs", "1"))
+    message = str(exit_info.value.code)
+    assert "\n" not in message and "--max-batch" in message and "--gradient-checkpointing" in message
+
+
 @pytest.mark.parametrize("flags, content, flag", [
     ([], None, "--prompt-file"),                      # missing
     ([], b"", "--prompt-file"),                       # empty
