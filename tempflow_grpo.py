@@ -327,7 +327,7 @@ def rollout(transformer, noise: Tensor, prompts: PromptEmbeds, sigmas: Tensor, b
     trunk, trunk_id = noise.float(), torch.arange(len(noise), device=noise.device)  # [N, C, H, W], [N]
     leaves, leaf_id = trunk[:0], trunk_id[:0]  # finished-by-ODE branches and the trunk each grew from
     records, last = [], max(branch_steps)
-    for i in range(len(sigmas) - 1):
+    for i in tqdm(range(len(sigmas) - 1), desc="sample", leave=False, disable=None):
         if branches and i > last:
             trunk, trunk_id = trunk[:0], trunk_id[:0]  # no branch left to spawn: the trunk's work is done
         x, rows = torch.cat([trunk, leaves]), torch.cat([trunk_id, leaf_id])
