@@ -79,7 +79,8 @@ class Args:
     out: str = "runs/tempflow"
     """output folder: config.json, metrics.jsonl, checkpoints/, the final LoRA in lora/"""
     tiny: bool = False
-    """the CPU demo: the tiny world (tiny_world/pipeline), geneval_toy, 64 px, and the departures in the docstring"""
+    """the CPU demo: the tiny world (tiny_world/pipeline), geneval_toy, 64 px, and the departures in the docstring
+    (from Python: Args(**TINY, tiny=True, ...), as the command line does)"""
     model: str = "stabilityai/stable-diffusion-3.5-medium"
     """diffusers StableDiffusion3Pipeline: a hub id or a local folder"""
     reward: str = "pickscore"
@@ -377,7 +378,7 @@ def group_advantages(rewards: Tensor, groups: Tensor, clip: float = 5.0) -> tupl
     its group's statistics and gets A = 0. Returns advantages [M] and the zero-std flag of each sample's group."""
     valid = torch.isfinite(rewards)
     r = torch.where(valid, rewards, 0.0).double()
-    n = torch.zeros(int(groups.max()) + 1, dtype=torch.double).index_add_(0, groups, valid.double())
+    n = torch.zeros(int(groups.max()) + 1, dtype=torch.double, device=groups.device).index_add_(0, groups, valid.double())
     mean = torch.zeros_like(n).index_add_(0, groups, r) / n.clamp(min=1)
     var = torch.zeros_like(n).index_add_(0, groups, torch.where(valid, (r - mean[groups]) ** 2, 0.0)) / n.clamp(min=1)
     # A = (r - mean_group r) / (std_group r + 1e-4), population std, clipped to [-5, 5]
@@ -854,7 +855,9 @@ def train(args: Args) -> list[dict]:
         with cost.paused():
             scores = evaluate(pipe, eval_prompts, reward_fn, args, out / "images" / "eval_base.png")
         base = {"base_" + k: v for k, v in scores.items()}
-    bar = tqdm(range(state["epoch"], args.epochs), desc="epochs", initial=state["epoch"], total=args.epochs)
+    done = 0 < args.max_nfe <= state["nfe"]  # a resumed run that had already spent its --max-nfe
+    bar = tqdm(range(state["epoch"], args.epochs if not done else state["epoch"]), desc="epochs",
+               initial=state["epoch"], total=args.epochs)
     for epoch in bar:
         try:
             batch, embeds, metrics, samples = collect(pipe, args, prompt_list, reward_fn, sigmas, branch_steps, gen)
@@ -939,6 +942,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
 def finalize(args: Args) -> Args:
     """Fill in the method's defaults and check every setting, each failure one line naming its flag, before any
     model loads."""
+    check(not args.tiny or args.model != Args.model, "tiny=True without the tiny settings: use "
+          "Args(**TINY, tiny=True, ...), as --tiny on the command line does")
     check(args.method in METHODS, f"--method {args.method!r} is unknown; choose one of {', '.join(METHODS)}")
     for key, value in METHODS[args.method].items():
         setattr(args, key, getattr(args, key) or value)

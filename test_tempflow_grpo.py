@@ -468,6 +468,14 @@ def test_resume_continues_exactly(random_model, prompt_file, tmp_path):
         assert {k: v for k, v in x.items() if k != "wall_s"} == {k: v for k, v in y.items() if k != "wall_s"}
 
 
+def test_resume_of_a_run_that_spent_its_nfe_budget_trains_no_further(random_model, prompt_file, tmp_path):
+    """--max-nfe ends a run after the epoch that reaches it; resuming that run adds no epoch."""
+    tg.train(quick_args(random_model, prompt_file, tmp_path / "a", "--epochs", "5", "--max-nfe", "1"))
+    assert tg.train(quick_args(random_model, prompt_file, tmp_path / "a", "--epochs", "5", "--max-nfe", "1",
+                               "--resume")) == []
+    assert len((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 def test_out_folder_of_another_run_is_refused(random_model, prompt_file, tmp_path):
     """An --out holding a run of another configuration, or this run without --resume, is refused."""
     tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "1"))
