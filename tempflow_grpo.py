@@ -239,18 +239,24 @@ class PromptEmbeds(NamedTuple):
         return PromptEmbeds(*(t[rows] for t in self))
 
 
+def cfg_copies(guidance: float) -> int:
+    """Latents the transformer sees per row: the empty prompt's and the prompt's under CFG (guidance > 1, as in
+    the pipeline), the prompt's alone otherwise."""
+    return 2 if guidance > 1 else 1
+
+
 def cfg_velocity(transformer, x: Tensor, sigma: Tensor, prompts: PromptEmbeds, guidance: float) -> Tensor:
     """The policy's velocity with classifier-free guidance for latents x [N, C, H, W] at noise levels sigma [N];
-    prompts holds N rows. One transformer call of 2N latents (N when guidance is 1, as in the pipeline)."""
-    model_dtype = transformer.dtype
-    if guidance == 1:
-        return transformer(hidden_states=x.to(model_dtype), encoder_hidden_states=prompts.embeds,
-                           pooled_projections=prompts.pooled, timestep=1000 * sigma, return_dict=False)[0]
-    # the transformer's timestep is 1000 t (SPEC 1); the empty prompt comes first, as in the pipeline
-    v = transformer(hidden_states=torch.cat([x, x]).to(model_dtype),
-                    encoder_hidden_states=torch.cat([prompts.neg_embeds, prompts.embeds]),
-                    pooled_projections=torch.cat([prompts.neg_pooled, prompts.pooled]),
-                    timestep=1000 * torch.cat([sigma, sigma]), return_dict=False)[0]
+    prompts holds N rows. One transformer call of cfg_copies(guidance) * N latents."""
+    copies = cfg_copies(guidance)
+    # the empty prompt first, as in the pipeline ([-copies:] keeps the prompt alone without CFG);
+    # the transformer's timestep is 1000 t (SPEC 1)
+    v = transformer(hidden_states=x.repeat(copies, 1, 1, 1).to(transformer.dtype),
+                    encoder_hidden_states=torch.cat([prompts.neg_embeds, prompts.embeds][-copies:]),
+                    pooled_projections=torch.cat([prompts.neg_pooled, prompts.pooled][-copies:]),
+                    timestep=1000 * sigma.repeat(copies), return_dict=False)[0]
+    if copies == 1:
+        return v
     v_uncond, v_cond = v.chunk(2)
     # v = v_u + g (v_c - v_u)
     return v_uncond + guidance * (v_cond - v_uncond)
@@ -284,12 +290,13 @@ def noise_aware_weights(sigmas: Tensor, noise_level: float, steps) -> Tensor:
 # =====================================================================================================
 
 
-def velocity(transformer, x: Tensor, sigma: Tensor, prompts: PromptEmbeds, guidance: float,
+def velocity(transformer, x: Tensor, sigma: Tensor, prompts: PromptEmbeds, rows: Tensor, guidance: float,
              max_batch: int) -> Tensor:
-    """cfg_velocity over N rows in chunks of at most max_batch latents per transformer call."""
-    per_call = max(1, max_batch // (1 if guidance == 1 else 2))
+    """cfg_velocity of N latents x, latent n under prompt rows[n], in chunks of at most max_batch latents per
+    transformer call; each chunk gathers its own prompt rows (SD3.5's are 2.7 MB each)."""
+    per_call = max(1, max_batch // cfg_copies(guidance))
     return torch.cat([cfg_velocity(transformer, x[j:j + per_call], sigma[j:j + per_call],
-                                   prompts.take(slice(j, j + per_call)), guidance)
+                                   prompts.take(rows[j:j + per_call]), guidance)
                       for j in range(0, len(x), per_call)])
 
 
@@ -297,7 +304,8 @@ def ode_rollout(transformer, x: Tensor, sigmas: Tensor, prompts: PromptEmbeds, g
                 start: int = 0, max_batch: int = 1 << 30) -> Tensor:
     """Integrate the ODE from grid index start down to s_T = 0. x: [N, C, H, W]; prompts: N rows."""
     for i in range(start, len(sigmas) - 1):
-        v = velocity(transformer, x, sigmas[i].expand(len(x)).to(x.device), prompts, guidance, max_batch)
+        v = velocity(transformer, x, sigmas[i].expand(len(x)).to(x.device), prompts,
+                     torch.arange(len(x), device=prompts.embeds.device), guidance, max_batch)
         x = ode_step(x, v, sigmas, i)
     return x
 
@@ -332,8 +340,7 @@ def rollout(transformer, noise: Tensor, prompts: PromptEmbeds, sigmas: Tensor, b
         if branches and i > last:
             trunk, trunk_id = trunk[:0], trunk_id[:0]  # no branch left to spawn: the trunk's work is done
         x, rows = torch.cat([trunk, leaves]), torch.cat([trunk_id, leaf_id])
-        v = velocity(transformer, x, sigmas[i].expand(len(x)).to(x.device), prompts.take(rows), guidance,
-                     max_batch)
+        v = velocity(transformer, x, sigmas[i].expand(len(x)).to(x.device), prompts, rows, guidance, max_batch)
         v_trunk, v_leaves = v[:len(trunk)], v[len(trunk):]
         leaves = ode_step(leaves, v_leaves, sigmas, i)
         if i in branch_steps and branches:
@@ -361,7 +368,7 @@ def rollout(transformer, noise: Tensor, prompts: PromptEmbeds, sigmas: Tensor, b
 
 def rollout_nfe(rollout: str, steps: int, branch_steps: list[int], branches: int, guidance: float) -> int:
     """Transformer evaluations of one latent per initial noise (SPEC 3), CFG's halves counted."""
-    halves = 1 if guidance == 1 else 2
+    halves = cfg_copies(guidance)
     if rollout == "sde":
         return halves * steps
     # max(B) + 1 for the trunk, plus G (T - 1 - k) for the branches of every k in B
@@ -762,7 +769,7 @@ def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor,
                    zero_std_frac=groups[zero_std].unique().numel() / groups.unique().numel())
     metrics.update({f"reward_{k}": v[torch.isfinite(v)].mean().item() for k, v in scores.items() if k != "reward"})
     captions = [f"{c} | {r:.3g}" for c, r in zip(captions, scores["reward"].tolist())]
-    return batch, embeds, metrics, (images, captions)
+    return batch, embeds, metrics, (images.cpu(), captions)  # the images wait for their grid off the GPU
 
 
 def transition_loss(transformer, batch: Batch, rows: Tensor, embeds: PromptEmbeds, sigmas: Tensor,
@@ -788,7 +795,7 @@ def update(transformer, params, optimizer, batch: Batch, embeds: PromptEmbeds, s
     """--optimizer-steps AdamW steps over a shuffled epoch, each accumulating gradients over micro-batches of at
     most --max-batch latents, so that its loss is the mean over its transitions. A step whose loss or gradient is
     not finite is skipped, counted and warned about: it never reaches the weights."""
-    per_call = max(1, args.max_batch // (1 if args.guidance == 1 else 2))
+    per_call = max(1, args.max_batch // cfg_copies(args.guidance))
     order = torch.randperm(len(batch.x), generator=gen, device=gen.device).to(batch.x.device)
     totals = dict(skipped_updates=0)
     bar = tqdm(total=len(order), desc="train", leave=False, disable=None)
