@@ -3,7 +3,7 @@
 A reward is `fn(images, prompts) -> Tensor[B]`, images a float tensor [B, 3, H, W] in [0, 1], prompts B strings.
 `load_reward(spec, device)` builds a comma list of them once, `name[:weight]` or `path/to/file.py:function[:weight]`:
 
-    pickscore                 PickScore (logit_scale * cosine, about 21 to 24 for SD3.5-M); the GPU default
+    pickscore                 PickScore (exp(logit_scale) * cosine, about 21 to 24 for SD3.5-M); the GPU default
     clipscore                 CLIP ViT-L/14 image-text cosine
     jpeg_compressibility      minus the JPEG size in kB (DDPO); jpeg_incompressibility is the size
     color                     offline: how close the pixels are to the colour the prompt names

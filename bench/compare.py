@@ -63,7 +63,7 @@ def main():
     parser.add_argument("--reward", default="color")
     parser.add_argument("--prompts", type=Path, default=ROOT / "tiny_world" / "prompts.txt")
     parser.add_argument("--eval-prompts", type=Path, default=ROOT / "tiny_world" / "prompts.txt")
-    parser.add_argument("--budget", type=int, default=200_000, help="transformer evaluations per run")
+    parser.add_argument("--budget", type=int, default=120_000, help="transformer evaluations per run")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")

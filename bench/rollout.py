@@ -71,7 +71,7 @@ def run_variant(arch: str, resolution: int, variant: str, max_batch: int, repeat
     # S = 4 seeds of one prompt; the SDE rollout draws S*G = 24 independent samples of it
     transformer, prompts, noise, sigmas, device = setup(arch, resolution, 24 if variant == "sde" else 4)
     branch_steps, cost = list(range(9)), tg.Cost(transformer)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    autocast = tg.autocast(device)
     with torch.no_grad(), autocast:
         tg.cfg_velocity(transformer, noise[:1], sigmas[:1], prompts.take([0]), 4.5)  # warm-up
     if device.type == "cuda":
