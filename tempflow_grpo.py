@@ -456,6 +456,17 @@ def decode_latents(pipe, latents: Tensor) -> Tensor:
     return pipe.image_processor.postprocess(images.float(), output_type="pt")
 
 
+@torch.no_grad()
+def ode_images(pipe, prompts: list[str], steps: int, guidance: float, resolution: int, generator: torch.Generator,
+               max_batch: int = 1 << 30) -> Tensor:
+    """One ODE sample per prompt from fresh noise, decoded: images [N, 3, H, W] in [0, 1]."""
+    noise = initial_noise(pipe, len(prompts), resolution, generator)
+    with autocast(noise.device):
+        latents = ode_rollout(pipe.transformer, noise, sigma_grid(pipe.scheduler, steps), encode_prompts(pipe, prompts),
+                              guidance, max_batch=max_batch)
+        return torch.cat([decode_latents(pipe, z) for z in latents.split(max_batch)])
+
+
 def read_prompts(path: str, flag: str = "--prompt-file") -> list[str]:
     """Non-blank lines of a UTF-8 text file, or one line saying what is wrong with it."""
     file = Path(path)
@@ -612,12 +623,8 @@ class StopOnSignal:
 def evaluate(pipe, prompts: list[str], reward_fn, args: Args, grid: Path) -> dict:
     """Mean rewards of one ODE sample (--eval-steps) per prompt from noise fixed by --seed, so that evaluations
     of one run, and of runs with one seed, are comparable; the samples go to a PNG grid."""
-    device = pipe.transformer.device
-    noise = initial_noise(pipe, len(prompts), args.resolution, torch.Generator(device).manual_seed(args.seed))
-    with autocast(device):
-        latents = ode_rollout(pipe.transformer, noise, sigma_grid(pipe.scheduler, args.eval_steps),
-                              encode_prompts(pipe, prompts), args.guidance, max_batch=args.max_batch)
-        images = torch.cat([decode_latents(pipe, z) for z in latents.split(args.max_batch)])
+    generator = torch.Generator(pipe.transformer.device).manual_seed(args.seed)
+    images = ode_images(pipe, prompts, args.eval_steps, args.guidance, args.resolution, generator, args.max_batch)
     scores = reward_fn(images, prompts)
     save_grid(images, [f"{p} | {r:.3g}" for p, r in zip(prompts, scores["reward"].tolist())], grid)
     return {f"eval_{k}": v[torch.isfinite(v)].mean().item() for k, v in scores.items()}

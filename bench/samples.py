@@ -22,14 +22,6 @@ PROMPTS = ["a blue square on the top", "a green circle on the right", "a red squ
            "three blue circles", "one green square", "two red circles", "three yellow squares"]
 
 
-@torch.no_grad()
-def sample(pipe, prompts: list[str], steps: int, seed: int) -> torch.Tensor:
-    noise = tg.initial_noise(pipe, len(prompts), 64, torch.Generator().manual_seed(seed))
-    latents = tg.ode_rollout(pipe.transformer, noise, tg.sigma_grid(pipe.scheduler, steps),
-                             tg.encode_prompts(pipe, prompts), 4.5)
-    return tg.decode_latents(pipe, latents)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="the --out folder of a finished --tiny run (its lora/ is used)")
@@ -38,9 +30,9 @@ def main():
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tiny_samples.png")
     args = parser.parse_args()
     pipe = tg.build_tiny_pipeline(pretrained=True)
-    base = sample(pipe, PROMPTS, args.steps, args.seed)
+    base = tg.ode_images(pipe, PROMPTS, args.steps, 4.5, 64, torch.Generator().manual_seed(args.seed))
     pipe.load_lora_weights(args.run / "lora")
-    tuned = sample(pipe, PROMPTS, args.steps, args.seed)
+    tuned = tg.ode_images(pipe, PROMPTS, args.steps, 4.5, 64, torch.Generator().manual_seed(args.seed))
     images, captions = [], []
     for half in (slice(0, 8), slice(8, 16)):
         for label, batch in (("base", base), ("tuned", tuned)):
