@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from reward import load_reward, parse_spec
+from reward import load_reward, parse_spec, to_pil
 
 # Without torchvision, transformers falls back to its PIL image processors (fine here) and says so at every start.
 logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requires torchvision" not in r.getMessage())
@@ -638,10 +638,9 @@ def save_grid(images: Tensor, captions: list[str], path: Path, columns: int = 8,
     text_height = 36
     grid = Image.new("RGB", (columns * side, rows * (side + text_height)), "white")
     draw = ImageDraw.Draw(grid)
-    for n, (image, caption) in enumerate(zip(images, captions)):
+    for n, (image, caption) in enumerate(zip(to_pil(images), captions)):
         x, y = n % columns * side, n // columns * (side + text_height)
-        pixels = (image.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-        grid.paste(Image.fromarray(pixels).resize((side, side), Image.NEAREST), (x, y))
+        grid.paste(image.resize((side, side), Image.NEAREST), (x, y))
         lines = textwrap.wrap(caption, width=side // 6)[:3]
         draw.multiline_text((x + 2, y + side + 1), "\n".join(lines), fill="black", spacing=0)
     path.parent.mkdir(parents=True, exist_ok=True)
