@@ -163,13 +163,14 @@ PICKSCORE = ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79
 CLIPSCORE = ("openai/clip-vit-large-patch14",) * 2
 
 
-def load_clip(model_id: str, processor_id: str, model_env: str, processor_env: str, device) -> tuple:
-    """A CLIPModel and its processor, from the environment's local paths when set, else from the hub."""
+def load_clip(model_id: str, processor_id: str, model_env: str, processor_env: str, device,
+              dtype: torch.dtype = torch.float32) -> tuple:
+    """A CLIPModel (in dtype) and its processor, from the environment's local paths when set, else from the hub."""
     from transformers import AutoProcessor, CLIPModel
 
     model_id, processor_id = os.environ.get(model_env, model_id), os.environ.get(processor_env, processor_id)
     try:
-        model = CLIPModel.from_pretrained(model_id).eval().requires_grad_(False).to(device)
+        model = CLIPModel.from_pretrained(model_id, dtype=dtype).eval().requires_grad_(False).to(device)
         processor = AutoProcessor.from_pretrained(processor_id)
     except (OSError, ValueError) as err:
         missing = processor_id if isinstance(err, OSError) and processor_id in str(err) else model_id
@@ -179,34 +180,36 @@ def load_clip(model_id: str, processor_id: str, model_env: str, processor_env: s
     return model, processor
 
 
-def clip_similarity(model, processor, device, scaled: bool) -> RewardFn:
-    """Cosine of CLIP's normalised image and text embeddings, times exp(logit_scale) when scaled (PickScore)."""
+def clip_similarity(model, processor, scaled: bool) -> RewardFn:
+    """Cosine of CLIP's normalised image and text embeddings, times exp(logit_scale) when scaled (PickScore).
+    It scores wherever the model is (the caller may move score.models between scorings)."""
     def score(images: Tensor, prompts: list[str]) -> Tensor:
         inputs = processor(text=prompts, images=to_pil(images), padding=True, truncation=True,
                            max_length=model.config.text_config.max_position_embeddings, return_tensors="pt")
-        out = model(**inputs.to(device))
-        cosine = (out.image_embeds * out.text_embeds).sum(-1)  # CLIPOutput's embeddings are already normalised
-        return (model.logit_scale.exp() * cosine if scaled else cosine).float().cpu()
+        out = model(**inputs.to(model.device, model.dtype))
+        cosine = (out.image_embeds * out.text_embeds).float().sum(-1)  # CLIPOutput's embeddings are normalised
+        return (model.logit_scale.exp().float() * cosine if scaled else cosine).cpu()
+    score.models = [model]
     return score
 
 
-def pickscore(device) -> RewardFn:
-    return clip_similarity(*load_clip(*PICKSCORE, "PICKSCORE_MODEL", "PICKSCORE_PROCESSOR", device), device, True)
+def pickscore(device, dtype=torch.float32) -> RewardFn:
+    return clip_similarity(*load_clip(*PICKSCORE, "PICKSCORE_MODEL", "PICKSCORE_PROCESSOR", device, dtype), True)
 
 
-def clipscore(device) -> RewardFn:
-    return clip_similarity(*load_clip(*CLIPSCORE, "CLIPSCORE_MODEL", "CLIPSCORE_MODEL", device), device, False)
+def clipscore(device, dtype=torch.float32) -> RewardFn:
+    return clip_similarity(*load_clip(*CLIPSCORE, "CLIPSCORE_MODEL", "CLIPSCORE_MODEL", device, dtype), False)
 
 
 # ---------------------------------------------------------------- load_reward: specs, weights, plug-ins
 
-BUILDERS = {  # name -> device -> RewardFn; each is built once per run
+BUILDERS = {  # name -> (device, dtype) -> RewardFn; each is built once per run
     "pickscore": pickscore,
     "clipscore": clipscore,
-    "jpeg_compressibility": lambda device: jpeg_compressibility,
-    "jpeg_incompressibility": lambda device: jpeg_incompressibility,
-    "color": lambda device: color,
-    "geneval_toy": lambda device: geneval_toy,
+    "jpeg_compressibility": lambda device, dtype: jpeg_compressibility,
+    "jpeg_incompressibility": lambda device, dtype: jpeg_incompressibility,
+    "color": lambda device, dtype: color,
+    "geneval_toy": lambda device, dtype: geneval_toy,
 }
 
 
@@ -250,12 +253,14 @@ def load_plugin(name: str) -> RewardFn:
     return getattr(module, function)
 
 
-def load_reward(spec: str, device="cpu", batch_size: int = 32) -> Callable[[Tensor, list[str]], dict[str, Tensor]]:
-    """Build the rewards of a spec once; the result scores under no_grad, in batches of at most batch_size, and
-    returns {"reward": sum of weight * component, name: component} as float32 Tensor[B] on the CPU. A sample with a
-    non-finite component has a non-finite reward: the training loop leaves it out of its group."""
+def load_reward(spec: str, device="cpu", batch_size: int = 32, dtype: torch.dtype = torch.float32
+                ) -> Callable[[Tensor, list[str]], dict[str, Tensor]]:
+    """Build the rewards of a spec once (model-based ones in dtype); the result scores under no_grad, in batches of
+    at most batch_size, and returns {"reward": sum of weight * component, name: component} as float32 Tensor[B] on
+    the CPU. A sample with a non-finite component has a non-finite reward: the training loop leaves it out of its
+    group. Its .models lists the reward models, for a caller that keeps them off the GPU between scorings."""
     parts = parse_spec(spec)
-    fns = {name: load_plugin(name) if ".py:" in name else BUILDERS[name](device) for name, _ in parts}
+    fns = {name: load_plugin(name) if ".py:" in name else BUILDERS[name](device, dtype) for name, _ in parts}
 
     @torch.no_grad()
     def score(images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
@@ -268,4 +273,5 @@ def load_reward(spec: str, device="cpu", batch_size: int = 32) -> Callable[[Tens
             assert out[name].shape == (len(images),), f"reward {name}: {len(out[name])} scores, {len(images)} images"
         out["reward"] = sum(weight * out[name] for name, weight in parts)
         return out
+    score.models = [model for fn in fns.values() for model in getattr(fn, "models", [])]
     return score

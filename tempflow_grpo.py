@@ -29,13 +29,18 @@ height and width, P prompts, L prompt tokens, D embedding width.
 
 Deliberate departures from the paper or the official code (each a flag where it is a choice):
   1. log pi is averaged, not summed, over the latent's C*H*W elements (the official convention; SPEC 2).
-  2. w_k is computed from the grid; one public script divides by a hard-coded 2.25 instead (SPEC 5).
+  2. w_k is computed from the grid; one public script multiplies std_k by a hard-coded 2.25 instead (about 1 / the
+     mean std of the reference grid, 0.1% off; SPEC 5).
   3. A trunk stops after the last branch step, as SPEC 3's cost counts it (max(B) + 1 trunk evaluations).
-  4. Groups whose rewards are all equal (A = 0) are dropped from training; a sample with a non-finite reward is
-     left out of its group and counted as invalid.
+  4. A sample with a non-finite reward is left out of its group and counted as invalid (the official code has no
+     such case); zero advantages follow the official rule (SPEC 6, `trained_images`).
   5. The Flow-GRPO rollout takes the SDE at the trained steps (all but the last) and the ODE at the last.
   6. Latents are float32 throughout; on CUDA the transformer runs under bf16 autocast, the step math in float32.
-  7. --tiny changes the model, reward, resolution and the optimisation settings listed in TINY below, each
+  7. Rewards enter the advantages as they are; the official code divides PickScore by 26 first, which only the
+     1e-4 in the std's denominator notices (it weighs 26x more against the spread there).
+  8. The epoch is one process's: its 48 prompts are accumulated on one GPU where the official run spread them
+     over 48 GPUs; the update it makes is the same.
+  9. --tiny changes the model, reward, resolution and the optimisation settings listed in TINY below, each
      chosen by a measurement given there and in README.md.
 """
 import argparse
@@ -92,13 +97,16 @@ class Args:
 
     # ---- method: --method sets the next three; each can be overridden alone for the paper's ablations
     method: str = "tempflow"
-    """tempflow (branch, noise, seed) or flow_grpo (sde, uniform, prompt)"""
+    """tempflow (branch, noise, seed, group std) or flow_grpo (sde, uniform, prompt, global std)"""
     rollout: str = ""
     """branch: ODE trunk with G SDE branches per branch step (SPEC 3); sde: SDE at every branch step (SPEC 7)"""
     weighting: str = ""
     """noise: w_k = std_k / mean_j std_j (SPEC 5); uniform: w_k = 1"""
     group: str = ""
     """seed: advantages over the G branches of one (prompt, seed, k); prompt: over all S*G samples of (prompt, k)"""
+    adv_std: str = ""
+    """group: A divides by each group's std (TempFlow); global: by the std of all the epoch's rewards, the mean
+    still per group (Flow-GRPO's SD3 configs, SPEC 7)"""
 
     # ---- sampling
     steps: int = 10
@@ -109,16 +117,15 @@ class Args:
     """G, SDE branches per (prompt, seed, branch step) (paper: 6); --rollout sde draws S*G samples per prompt"""
     seeds_per_prompt: int = 4
     """S, initial noises per prompt (paper: 4); Flow-GRPO's group is S*G = 24 samples"""
-    prompts_per_epoch: int = 2
-    """P, prompts per epoch; an epoch samples P*S*|B|*G branch images (branch) or P*S*G images (sde)"""
+    prompts_per_epoch: int = 48
+    """P, prompts per epoch (paper: 48, one per GPU of the official run; accumulated here): an epoch samples
+    P*S*|B|*G branch images (branch) or P*S*G images (sde)"""
     noise_level: float = 0.7
     """a, the SDE noise level (paper: 0.7)"""
     guidance: float = 4.5
     """g, classifier-free guidance in rollout and training (paper: 4.5)"""
     resolution: int = 512
     """image side in pixels (paper: 512)"""
-    max_batch: int = 32
-    """most latents in one transformer call, CFG's two halves counted, in rollout and training (memory cap)"""
 
     # ---- optimisation
     lr: float = 3e-4
@@ -137,8 +144,27 @@ class Args:
     """gradient-norm clip (paper: 1.0)"""
     optimizer_steps: int = 2
     """optimizer steps per epoch; the epoch's transitions are split evenly among them (paper: 2)"""
+    ema: bool = True
+    """evaluate and export an EMA of the LoRA weights, updated every 8th optimizer step (paper: on); training and
+    the ratio use the live weights"""
+    drop_zero_std: bool = False
+    """drop every group whose rewards are all equal, not only trunks with no signal at all (the official rule)"""
+
+    # ---- memory levers: where and how much sits on the GPU at once
+    max_batch: int = 32
+    """most latents in one no-grad transformer call (rollout, evaluation) and one VAE decode, CFG's halves counted"""
+    train_batch: int = 32
+    """most latents in one training forward and backward, CFG's halves counted; gradients accumulate over them"""
+    rollout_prompts: int = 4
+    """prompts sampled, decoded and scored together: GPU memory grows with this, not with --prompts-per-epoch"""
     gradient_checkpointing: bool = False
     """recompute the transformer's activations in backward: less memory, about a third more time"""
+    offload_text_encoders: bool = False
+    """keep the text encoders on the CPU but while they encode prompts (T5-XXL alone is 9.4 GB in bf16)"""
+    offload_reward: bool = False
+    """keep the reward model on the CPU but while it scores"""
+    reward_dtype: str = "float32"
+    """dtype of a model-based reward (pickscore, clipscore): float32 or bfloat16 (half its memory)"""
 
     # ---- long runs: checkpoints, evaluation, images
     resume: bool = False
@@ -380,17 +406,33 @@ def rollout_nfe(rollout: str, steps: int, branch_steps: list[int], branches: int
 # =====================================================================================================
 
 
-def group_advantages(rewards: Tensor, groups: Tensor, clip: float = 5.0) -> tuple[Tensor, Tensor]:
-    """Per-group normalised advantages of M rewards; groups [M] are group ids. A non-finite reward is left out of
-    its group's statistics and gets A = 0. Returns advantages [M] and the zero-std flag of each sample's group."""
+def group_advantages(rewards: Tensor, groups: Tensor, clip: float = 5.0, global_std: bool = False
+                     ) -> tuple[Tensor, Tensor]:
+    """Normalised advantages of M rewards; groups [M] are group ids. The mean is per group; the std per group, or
+    with global_std over all the valid rewards (Flow-GRPO's global_std). A non-finite reward is left out of the
+    statistics and gets A = 0. Returns advantages [M] and whether each sample's group had all-equal rewards."""
     valid = torch.isfinite(rewards)
     r = torch.where(valid, rewards, 0.0).double()
     n = torch.zeros(int(groups.max()) + 1, dtype=torch.double, device=groups.device).index_add_(0, groups, valid.double())
     mean = torch.zeros_like(n).index_add_(0, groups, r) / n.clamp(min=1)
     var = torch.zeros_like(n).index_add_(0, groups, torch.where(valid, (r - mean[groups]) ** 2, 0.0)) / n.clamp(min=1)
-    # A = (r - mean_group r) / (std_group r + 1e-4), population std, clipped to [-5, 5]
-    advantages = ((r - mean[groups]) / (var[groups].sqrt() + 1e-4)).clamp(-clip, clip)
+    std = r[valid].std(correction=0).expand(len(r)) if global_std else var[groups].sqrt()
+    # A = (r - mean_group r) / (std + 1e-4), population std, clipped to [-5, 5]
+    advantages = ((r - mean[groups]) / (std + 1e-4)).clamp(-clip, clip)
+    # float32 rewards sum exactly in float64, so a group of equal rewards has mean r, var 0 and A = 0 exactly
     return torch.where(valid, advantages, 0.0).float(), var[groups] == 0
+
+
+def trained_images(advantages: Tensor, trunk: Tensor, valid: Tensor, zero_std: Tensor, drop_zero_std: bool
+                   ) -> Tensor:
+    """Which of M images train their transitions; trunk [M] is the initial noise each grew from (an SDE sample is
+    its own trunk). The official rule (SPEC 6) drops a trunk only when all of its advantages are 0, so the
+    zero-advantage transitions of the trunks kept still count in the loss's mean and train the KL; drop_zero_std
+    drops every group with equal rewards instead. An image with a non-finite reward never trains."""
+    if drop_zero_std:
+        return valid & ~zero_std
+    signal = torch.zeros(int(trunk.max()) + 1, device=trunk.device).index_add_(0, trunk, (advantages != 0).float())
+    return valid & (signal[trunk] > 0)
 
 
 def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, weights: Tensor, mean: Tensor,
@@ -414,8 +456,9 @@ def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, weight
 # ---------------- the algorithm ends here; what follows is plumbing around diffusers ----------------
 # =====================================================================================================
 
-# SD3's T5 prompt length (SPEC 9: 77 CLIP + 256 T5 tokens); a tokenizer with a shorter model_max_length caps it.
-T5_TOKENS = 256
+# T5 prompt tokens, as the official code encodes (SPEC 9; the pipeline's default is 256); a tokenizer with a shorter
+# model_max_length caps it.
+T5_TOKENS = 128
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
@@ -433,12 +476,31 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
 
 
 def encode_prompts(pipe, prompts: list[str]) -> PromptEmbeds:
-    """Embeddings of the prompts and of the empty prompt, computed once by the pipeline's own encode_prompt."""
+    """Embeddings of the prompts and of the empty prompt, computed by the pipeline's own encode_prompt wherever the
+    text encoders are, and handed over on the transformer's device."""
     length = min(T5_TOKENS, pipe.tokenizer_3.model_max_length)
     with torch.no_grad():
         embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
-            prompts, None, None, do_classifier_free_guidance=True, max_sequence_length=length)
-    return PromptEmbeds(embeds, pooled, neg_embeds, neg_pooled)
+            prompts, None, None, device=pipe.text_encoder.device, do_classifier_free_guidance=True,
+            max_sequence_length=length)
+    return PromptEmbeds(*(t.to(pipe.transformer.device) for t in (embeds, pooled, neg_embeds, neg_pooled)))
+
+
+def text_encoders(pipe) -> list[torch.nn.Module]:
+    return [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+
+
+@contextmanager
+def placed(modules: list[torch.nn.Module], device: torch.device, offload: bool):
+    """With offload, the modules come to the device for the block and go back to the CPU after it; without, they
+    stay where they are (on the device)."""
+    for module in modules if offload else []:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module in modules if offload else []:
+            module.to("cpu")
 
 
 def initial_noise(pipe, n: int, resolution: int, generator: torch.Generator) -> Tensor:
@@ -457,13 +519,13 @@ def decode_latents(pipe, latents: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def ode_images(pipe, prompts: list[str], steps: int, guidance: float, resolution: int, generator: torch.Generator,
-               max_batch: int = 1 << 30) -> Tensor:
-    """One ODE sample per prompt from fresh noise, decoded: images [N, 3, H, W] in [0, 1]."""
-    noise = initial_noise(pipe, len(prompts), resolution, generator)
-    with autocast(noise.device):
-        latents = ode_rollout(pipe.transformer, noise, sigma_grid(pipe.scheduler, steps), encode_prompts(pipe, prompts),
-                              guidance, max_batch=max_batch)
+def ode_images(pipe, prompts: list[str], noise: Tensor, steps: int, guidance: float, max_batch: int = 1 << 30
+               ) -> Tensor:
+    """One ODE sample per prompt from its initial noise [N, C, H, W], decoded: images [N, 3, H, W] in [0, 1]."""
+    device = pipe.transformer.device
+    with autocast(device):
+        latents = ode_rollout(pipe.transformer, noise.to(device), sigma_grid(pipe.scheduler, steps),
+                              encode_prompts(pipe, prompts), guidance, max_batch=max_batch)
         return torch.cat([decode_latents(pipe, z) for z in latents.split(max_batch)])
 
 
@@ -483,8 +545,11 @@ def read_prompts(path: str, flag: str = "--prompt-file") -> list[str]:
     return prompts
 
 
-# SPEC 6: LoRA on the attention projections of the image stream and of the context (text) stream
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# SPEC 6: LoRA on the joint attention's projections of the image stream and of the context (text) stream. The
+# "attn." prefix keeps out the second, image-only attention (attn2) of SD3.5-M's 13 dual-attention blocks, as the
+# official targets do: 191 modules, 18.8 M parameters at rank 32 (the bare names would give 243 and 23.9 M).
+LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_add_out"]
 
 
 def add_lora(transformer, rank: int) -> list[torch.nn.Parameter]:
@@ -519,6 +584,39 @@ def save_lora(pipe, folder: Path):
                                  transformer_lora_adapter_metadata=pipe.transformer.peft_config["default"].to_dict())
 
 
+# SPEC 6: the official EMA of the LoRA weights, its largest decay and its interval in optimizer steps
+EMA_DECAY, EMA_EVERY = 0.9, 8
+
+
+def make_ema(params: list[torch.nn.Parameter], enabled: bool = True):
+    """diffusers' EMAModel over the LoRA parameters (a float32 shadow copy), or None."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=EMA_DECAY) if enabled else None
+
+
+def ema_update(ema, params: list[torch.nn.Parameter], n: int):
+    """After optimizer step n (counted from 1, as the official global_step), every EMA_EVERY-th step."""
+    if ema is not None and (n + 1) % EMA_EVERY == 0:
+        ema.optimization_step = n  # EMAModel.step counts it to n + 1 and decays with its step - 1 = n:
+        # decay_n = min((1 + n) / (10 + n), 0.9);  ema <- decay_n ema + (1 - decay_n) live
+        ema.step(params)
+
+
+@contextmanager
+def ema_weights(ema, params: list[torch.nn.Parameter]):
+    """The EMA weights in place of the live ones for a while (evaluation, export); the live ones without an EMA."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
 class Cost:
     """Training cost so far: latents through the transformer (CFG's halves counted), kept up by a forward hook,
     and wall seconds. Evaluation runs inside paused() and counts in neither."""
@@ -537,6 +635,26 @@ class Cost:
         nfe, wall_s = self.nfe, self.wall_s()
         yield
         self.nfe, self.wall_before, self.since = nfe, wall_s, time.time()
+
+
+class Timer:
+    """Seconds per phase of an epoch (`with timer("sample_s"):`), and on CUDA the epoch's peak memory."""
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the GPU's work of this phase, not the launches alone
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict:
+        peak = dict(peak_gb=torch.cuda.max_memory_allocated(self.device) / 2**30) if self.device.type == "cuda" else {}
+        return {**{k: round(v, 2) for k, v in self.seconds.items()}, **peak}
 
 
 # ---------------- long runs: the out folder, checkpoints, signals, evaluation, image grids ----------------
@@ -565,7 +683,7 @@ def prepare_out(args: Args) -> Path:
     return out
 
 
-def save_checkpoint(out: Path, transformer, optimizer, gen: torch.Generator, state: dict):
+def save_checkpoint(out: Path, transformer, optimizer, ema, gen: torch.Generator, state: dict):
     """Write checkpoints/epoch_N atomically (a temporary folder renamed when complete), then drop older ones."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -577,7 +695,8 @@ def save_checkpoint(out: Path, transformer, optimizer, gen: torch.Generator, sta
     save_file(get_peft_model_state_dict(transformer), tmp / "lora.safetensors")
     rng = dict(gen=gen.get_state(), torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    torch.save(dict(optimizer=optimizer.state_dict(), rng=rng), tmp / "optimizer_rng.pt")
+    torch.save(dict(optimizer=optimizer.state_dict(), rng=rng, ema=ema.state_dict() if ema else None),
+               tmp / "optimizer_rng.pt")
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -586,8 +705,9 @@ def save_checkpoint(out: Path, transformer, optimizer, gen: torch.Generator, sta
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(out: Path, transformer, optimizer, gen: torch.Generator) -> dict | None:
-    """Restore the last complete checkpoint (an interrupted one, still .tmp, is ignored); None if there is none."""
+def load_checkpoint(out: Path, transformer, optimizer, ema, gen: torch.Generator) -> dict | None:
+    """Restore the last complete checkpoint (an interrupted one, still .tmp, is ignored); None if there is none.
+    A checkpoint is data, never code: it loads with weights_only."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -595,8 +715,10 @@ def load_checkpoint(out: Path, transformer, optimizer, gen: torch.Generator) -> 
     if not done:
         return None
     set_peft_model_state_dict(transformer, load_file(done[-1] / "lora.safetensors"))
-    saved = torch.load(done[-1] / "optimizer_rng.pt", weights_only=False)
+    saved = torch.load(done[-1] / "optimizer_rng.pt", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(saved["ema"])
     gen.set_state(saved["rng"]["gen"])
     torch.set_rng_state(saved["rng"]["torch"])
     if saved["rng"]["cuda"]:
@@ -620,13 +742,22 @@ class StopOnSignal:
 
 
 @torch.no_grad()
-def evaluate(pipe, prompts: list[str], reward_fn, args: Args, grid: Path) -> dict:
-    """Mean rewards of one ODE sample (--eval-steps) per prompt from noise fixed by --seed, so that evaluations
-    of one run, and of runs with one seed, are comparable; the samples go to a PNG grid."""
-    generator = torch.Generator(pipe.transformer.device).manual_seed(args.seed)
-    images = ode_images(pipe, prompts, args.eval_steps, args.guidance, args.resolution, generator, args.max_batch)
-    scores = reward_fn(images, prompts)
-    save_grid(images, [f"{p} | {r:.3g}" for p, r in zip(prompts, scores["reward"].tolist())], grid)
+def evaluate(pipe, prompts: list[str], reward_fn, args: Args, grid: Path, shown: int = 64) -> dict:
+    """Mean rewards of one ODE sample (--eval-steps) per prompt from noise fixed by --seed (drawn on the CPU, so
+    the same on any device), so that evaluations of one run, and of runs with one seed, are comparable. Prompts go
+    in chunks of one transformer call; the first `shown` samples go to a PNG grid."""
+    noise = initial_noise(pipe, len(prompts), args.resolution, torch.Generator().manual_seed(args.seed))
+    per_call = max(1, args.max_batch // cfg_copies(args.guidance))
+    scores, images = [], []
+    with placed(text_encoders(pipe), pipe.transformer.device, args.offload_text_encoders), \
+            placed(reward_fn.models, pipe.transformer.device, args.offload_reward):
+        for j in range(0, len(prompts), per_call):
+            chunk = ode_images(pipe, prompts[j:j + per_call], noise[j:j + per_call], args.eval_steps, args.guidance,
+                               args.max_batch)
+            scores.append(reward_fn(chunk, prompts[j:j + per_call]))
+            images.append(chunk[:max(0, shown - j)].cpu())
+    scores = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
+    save_grid(torch.cat(images), [f"{p} | {r:.3g}" for p, r in zip(prompts, scores["reward"][:shown].tolist())], grid)
     return {f"eval_{k}": v[torch.isfinite(v)].mean().item() for k, v in scores.items()}
 
 
@@ -743,47 +874,83 @@ class Batch(NamedTuple):
 
 
 def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor, branch_steps: list[int],
-            gen: torch.Generator) -> tuple[Batch, PromptEmbeds, dict, tuple]:
-    """Sample an epoch (SPEC 3 or 7), score its images and turn rewards into advantages (SPEC 4). Also returns
-    the images [M, 3, H, W] with captions, for the image grids."""
+            gen: torch.Generator, timer: "Timer") -> tuple[Batch, PromptEmbeds, dict, tuple]:
+    """Sample an epoch (SPEC 3 or 7) in chunks of --rollout-prompts prompts, each decoded and scored as it
+    finishes, so that GPU memory does not grow with the epoch; the recorded transitions wait on the CPU. Then the
+    epoch's rewards become advantages (SPEC 4). Also returns up to 32 of its images, with captions, for a grid."""
     picks = torch.randint(len(prompt_list), (args.prompts_per_epoch,), generator=gen, device=gen.device).tolist()
     prompts = [prompt_list[j] for j in picks]
-    embeds = encode_prompts(pipe, prompts)
+    device = pipe.transformer.device
+    with timer("sample_s"), placed(text_encoders(pipe), device, args.offload_text_encoders):
+        embeds = encode_prompts(pipe, prompts)
     per_prompt = args.seeds_per_prompt * (1 if args.rollout == "branch" else args.branches)
-    noise_prompt = torch.arange(len(prompts), device=gen.device).repeat_interleave(per_prompt)  # [N]
+    noise_prompt = torch.arange(len(prompts)).repeat_interleave(per_prompt)  # [N]
     noise = initial_noise(pipe, len(noise_prompt), args.resolution, gen)  # [N, C, H, W]
-    with autocast(gen.device):
-        out = rollout(pipe.transformer, noise, embeds.take(noise_prompt), sigmas, branch_steps,
-                      args.branches if args.rollout == "branch" else 0, args.noise_level, args.guidance,
-                      args.max_batch, gen)
-        images = torch.cat([decode_latents(pipe, z) for z in out.latents.split(args.max_batch)])  # [M, 3, H, W]
+    images = epoch_size(args, branch_steps)["images"]
+    shown = torch.zeros(images, dtype=torch.bool)
+    shown[torch.linspace(0, images - 1, min(32, images)).long()] = True  # the grid's images, spread over the epoch
+    parts, before = [], 0  # before: the epoch's images sampled before this chunk
+    with placed(reward_fn.models, device, args.offload_reward):
+        for trunks in torch.arange(len(noise)).split(args.rollout_prompts * per_prompt):
+            rows = noise_prompt[trunks]
+            out, scores, kept = sample_chunk(pipe, args, noise[trunks], embeds.take(rows.to(device)),
+                                             [prompts[p] for p in rows.tolist()], reward_fn, sigmas, branch_steps,
+                                             gen, timer, shown[before:])
+            # the chunk's trunk and image ids -> the epoch's
+            parts.append((out._replace(image_noise=out.image_noise + trunks[0], image=out.image + before), scores,
+                          kept))
+            before += len(out.image_noise)
+    out = Rollout(*map(torch.cat, zip(*(part[0] for part in parts))))  # latents: none, they are decoded
+    scores = {k: torch.cat([part[1][k] for part in parts]) for k in parts[0][1]}
     image_prompt = noise_prompt[out.image_noise]  # [M]
-    captions = [prompts[p] for p in image_prompt.tolist()]
-    scores = reward_fn(images, captions)
     # seed groups share (prompt, initial noise, k); prompt groups share (prompt, k)
     seed = out.image_noise if args.group == "seed" else torch.zeros_like(out.image_noise)
-    keys = torch.stack([image_prompt, seed, out.image_step], dim=1).cpu()
+    keys = torch.stack([image_prompt, seed, out.image_step], dim=1)
     groups = torch.unique(keys, dim=0, return_inverse=True)[1]  # [M]
-    advantages, zero_std = group_advantages(scores["reward"], groups, args.adv_clip)
+    advantages, zero_std = group_advantages(scores["reward"], groups, args.adv_clip, args.adv_std == "global")
     valid = torch.isfinite(scores["reward"])
-    keep = (valid & ~zero_std)[out.image.cpu()].to(out.x.device)  # train on transitions with a signal
+    keep = trained_images(advantages, out.image_noise, valid, zero_std, args.drop_zero_std)[out.image]  # [K]
     batch = Batch(out.x[keep], out.y[keep], out.log_prob[keep], out.step[keep], image_prompt[out.image][keep],
-                  advantages.to(out.x.device)[out.image][keep])
+                  advantages[out.image][keep])
     rewards = scores["reward"][valid]
     metrics = dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
-                   images=len(images), invalid=int((~valid).sum()), transitions=len(batch.x),
+                   images=len(valid), invalid=int((~valid).sum()), transitions=len(batch.x),
                    zero_std_frac=groups[zero_std].unique().numel() / groups.unique().numel())
     metrics.update({f"reward_{k}": v[torch.isfinite(v)].mean().item() for k, v in scores.items() if k != "reward"})
-    captions = [f"{c} | {r:.3g}" for c, r in zip(captions, scores["reward"].tolist())]
-    return batch, embeds, metrics, (images.cpu(), captions)  # the images wait for their grid off the GPU
+    captions = [f"{prompts[p]} | {r:.3g}" for p, r in zip(image_prompt[shown].tolist(),
+                                                           scores["reward"][shown].tolist())]
+    return batch, embeds, metrics, (torch.cat([part[2] for part in parts]), captions)
+
+
+def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, captions: list[str], reward_fn,
+                 sigmas: Tensor, branch_steps: list[int], gen: torch.Generator, timer: "Timer", shown: Tensor
+                 ) -> tuple[Rollout, dict, Tensor]:
+    """Roll out N trunks (noise [N, C, H, W], prompts and captions: N rows), decode and score their images in
+    chunks of --max-batch; returns the rollout on the CPU without its latents, the scores [M] and the images that
+    `shown` [>= M] marks for the grid."""
+    device = pipe.transformer.device
+    with timer("sample_s"), autocast(device):
+        out = rollout(pipe.transformer, noise.to(device), prompts, sigmas, branch_steps,
+                      args.branches if args.rollout == "branch" else 0, args.noise_level, args.guidance,
+                      args.max_batch, gen)
+    image_captions = [captions[n] for n in out.image_noise.tolist()]
+    scores, kept = [], []
+    with timer("score_s"), autocast(device):
+        for j in range(0, len(out.latents), args.max_batch):
+            images = decode_latents(pipe, out.latents[j:j + args.max_batch])  # [<= max_batch, 3, H, W]
+            scores.append(reward_fn(images, image_captions[j:j + args.max_batch]))
+            kept.append(images[shown[j:j + len(images)].to(device)].cpu())
+    out = Rollout(*(t.cpu() for t in out._replace(latents=out.latents[:0])))
+    return out, {k: torch.cat([s[k] for s in scores]) for k in scores[0]}, torch.cat(kept)
 
 
 def transition_loss(transformer, batch: Batch, rows: Tensor, embeds: PromptEmbeds, sigmas: Tensor,
                     step_weight: Tensor, args: Args) -> tuple[Tensor, dict]:
     """grpo_loss of some transitions: the policy's log-prob of the recorded y with gradients, the base model's
     mean without (skipped when beta = 0)."""
-    x, y, k = batch.x[rows], batch.y[rows], batch.step[rows]
-    prompts, sigma = embeds.take(batch.prompt[rows]), sigmas.to(x.device)[k]
+    device = transformer.device  # the transitions wait on the CPU; a micro-batch comes over to be trained
+    x, y, k = batch.x[rows].to(device), batch.y[rows].to(device), batch.step[rows].to(device)
+    prompts, sigma = embeds.take(batch.prompt[rows].to(device)), sigmas.to(device)[k]
     with autocast(x.device):
         v = cfg_velocity(transformer, x, sigma, prompts, args.guidance)
     _, log_prob, mean, std = sde_step(x, v, sigmas, k, args.noise_level, prev_sample=y)
@@ -792,22 +959,24 @@ def transition_loss(transformer, batch: Batch, rows: Tensor, embeds: PromptEmbed
         with torch.no_grad(), lora_disabled(transformer), autocast(x.device):
             v_ref = cfg_velocity(transformer, x, sigma, prompts, args.guidance)
         ref_mean = sde_step(x, v_ref, sigmas, k, args.noise_level, prev_sample=y)[2]
-    return grpo_loss(log_prob, batch.log_prob[rows], batch.advantage[rows], step_weight.to(x.device)[k], mean,
-                     ref_mean, std, args.clip_range, args.beta)
+    return grpo_loss(log_prob, batch.log_prob[rows].to(device), batch.advantage[rows].to(device),
+                     step_weight.to(device)[k], mean, ref_mean, std, args.clip_range, args.beta)
 
 
 def update(transformer, params, optimizer, batch: Batch, embeds: PromptEmbeds, sigmas: Tensor,
-           step_weight: Tensor, args: Args, gen: torch.Generator) -> dict:
+           step_weight: Tensor, args: Args, gen: torch.Generator, ema=None, steps_before: int = 0) -> dict:
     """--optimizer-steps AdamW steps over a shuffled epoch, each accumulating gradients over micro-batches of at
-    most --max-batch latents, so that its loss is the mean over its transitions. A step whose loss or gradient is
-    not finite is skipped, counted and warned about: it never reaches the weights."""
-    per_call = max(1, args.max_batch // cfg_copies(args.guidance))
+    most --train-batch latents, so that its loss is the mean over its transitions. A step whose loss or gradient is
+    not finite is skipped, counted and warned about: it never reaches the weights. After each step the EMA, if
+    any, sees the run's optimizer step count (steps_before before this epoch)."""
+    per_call = max(1, args.train_batch // cfg_copies(args.guidance))
     order = torch.randperm(len(batch.x), generator=gen, device=gen.device).to(batch.x.device)
     totals = dict(skipped_updates=0)
     bar = tqdm(total=len(order), desc="train", leave=False, disable=None)
-    for part in order.tensor_split(args.optimizer_steps):
+    for n, part in enumerate(order.tensor_split(args.optimizer_steps), start=steps_before + 1):
         if not len(part):
-            continue  # every group of the epoch had equal rewards: nothing to learn from
+            ema_update(ema, params, n)
+            continue  # every trunk of the epoch had equal rewards: nothing to learn from
         finite = True
         for rows in part.split(per_call):
             loss, stats = transition_loss(transformer, batch, rows, embeds, sigmas, step_weight, args)
@@ -824,6 +993,7 @@ def update(transformer, params, optimizer, batch: Batch, embeds: PromptEmbeds, s
             totals["skipped_updates"] += 1
             tqdm.write(f"warning: skipped an update with a non-finite {'loss' if not finite else 'gradient'}")
         optimizer.zero_grad(set_to_none=True)
+        ema_update(ema, params, n)
         totals["grad_norm"] = grad_norm.item()
     bar.close()
     return totals
@@ -835,16 +1005,31 @@ def autocast(device: torch.device):
 
 
 def setup(args: Args, device: torch.device) -> tuple:
-    """The pipeline, frozen but for a fresh LoRA on its transformer, and the AdamW over that LoRA."""
-    pipe = load_pipeline(args.model, torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
-    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+    """The pipeline, frozen but for a fresh LoRA on its transformer, the AdamW over that LoRA and its EMA."""
+    pipe = load_pipeline(args.model, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    for module in [pipe.transformer, pipe.vae, *text_encoders(pipe)]:
         module.requires_grad_(False)
+        module.to("cpu" if args.offload_text_encoders and module in text_encoders(pipe) else device)
+    if device.type == "cuda":
+        pipe.vae.enable_slicing()  # one 512 px image at a time: a batch's decoder activations would take GBs
     torch.manual_seed(args.seed)  # LoRA's initial A
     params = add_lora(pipe.transformer, args.lora_rank)
     if args.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    return pipe, params, optimizer
+    return pipe, params, optimizer, make_ema(params, args.ema)
+
+
+def epoch_size(args: Args, branch_steps: list[int]) -> dict:
+    """An epoch's size, derived once from the settings: trunks, images, transitions, transformer evaluations."""
+    trunks = args.prompts_per_epoch * args.seeds_per_prompt * (1 if args.rollout == "branch" else args.branches)
+    images = trunks * (len(branch_steps) * args.branches if args.rollout == "branch" else 1)
+    transitions = images * (1 if args.rollout == "branch" else len(branch_steps))
+    sampling = trunks * rollout_nfe(args.rollout, args.steps, branch_steps, args.branches, args.guidance)
+    # training: the policy's forward and, with beta > 0, the base model's, CFG's halves counted
+    train_nfe = transitions * cfg_copies(args.guidance) * (2 if args.beta > 0 else 1)
+    return dict(trunks=trunks, images=images, transitions=transitions,
+                per_step=math.ceil(transitions / args.optimizer_steps), rollout_nfe=sampling, train_nfe=train_nfe)
 
 
 def train(args: Args) -> list[dict]:
@@ -852,50 +1037,63 @@ def train(args: Args) -> list[dict]:
     prompt_list = read_prompts(args.prompt_file)
     eval_prompts = read_prompts(args.eval_prompt_file, "--eval-prompt-file") if args.eval_prompt_file else []
     out, device = prepare_out(args), torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reward_fn = load_reward(args.reward, device)
-    pipe, params, optimizer = setup(args, device)
+    reward_fn = load_reward(args.reward, "cpu" if args.offload_reward else device,
+                            dtype=getattr(torch, args.reward_dtype))
+    pipe, params, optimizer, ema = setup(args, device)
     sigmas = sigma_grid(pipe.scheduler, args.steps).to(device)
     branch_steps = parse_branch_steps(args.branch_steps, args.steps)
+    size = epoch_size(args, branch_steps)
+    tqdm.write(f"epoch: {args.prompts_per_epoch} prompts x {size['trunks'] // args.prompts_per_epoch} noises, "
+               f"{size['images']:,} images, {size['transitions']:,} transitions ({size['per_step']:,} per optimizer "
+               f"step), {size['rollout_nfe'] + size['train_nfe']:,} transformer evaluations (rollout "
+               f"{size['rollout_nfe']:,}, training {size['train_nfe']:,})")
     step_weight = torch.ones(args.steps)  # w_k by grid index k
     if args.weighting == "noise":
         step_weight[branch_steps] = noise_aware_weights(sigmas.cpu(), args.noise_level, branch_steps)
     gen = torch.Generator(device).manual_seed(args.seed)
-    state = load_checkpoint(out, pipe.transformer, optimizer, gen) if args.resume else None
+    state = load_checkpoint(out, pipe.transformer, optimizer, ema, gen) if args.resume else None
     state = state or dict(epoch=0, metrics_rows=0, nfe=0, wall_s=0.0)
     keep_metrics_rows(out / "metrics.jsonl", state["metrics_rows"])  # drop rows of epochs after the checkpoint
     cost, stop, rows, base = Cost(pipe.transformer, state["nfe"], state["wall_s"]), StopOnSignal(), [], {}
     if eval_prompts and state["epoch"] == 0:  # the base model, for the first row
-        with cost.paused():
+        with cost.paused(), ema_weights(ema, params):
             scores = evaluate(pipe, eval_prompts, reward_fn, args, out / "images" / "eval_base.png")
         base = {"base_" + k: v for k, v in scores.items()}
     done = 0 < args.max_nfe <= state["nfe"]  # a resumed run that had already spent its --max-nfe
     bar = tqdm(range(state["epoch"], args.epochs if not done else state["epoch"]), desc="epochs",
                initial=state["epoch"], total=args.epochs)
     for epoch in bar:
+        timer = Timer(device)
         try:
-            batch, embeds, metrics, samples = collect(pipe, args, prompt_list, reward_fn, sigmas, branch_steps, gen)
+            batch, embeds, metrics, samples = collect(pipe, args, prompt_list, reward_fn, sigmas, branch_steps, gen,
+                                                      timer)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
-            metrics.update(update(pipe.transformer, params, optimizer, batch, embeds, sigmas, step_weight, args, gen))
+            with timer("train_s"):
+                metrics.update(update(pipe.transformer, params, optimizer, batch, embeds, sigmas, step_weight, args,
+                                      gen, ema, epoch * args.optimizer_steps))
             last = epoch + 1 == args.epochs or 0 < args.max_nfe <= cost.nfe
             if eval_prompts and ((epoch + 1) % args.eval_every == 0 or last):
-                with cost.paused():
+                with timer("eval_s"), cost.paused(), ema_weights(ema, params):
                     grid = out / "images" / f"eval_{epoch:06d}.png"
                     metrics.update(evaluate(pipe, eval_prompts, reward_fn, args, grid))
         except torch.cuda.OutOfMemoryError:
             raise SystemExit(f"error: CUDA out of memory in epoch {epoch}: lower --max-batch (now {args.max_batch}) "
-                             f"or add --gradient-checkpointing") from None
+                             f"or --train-batch (now {args.train_batch}), or add --gradient-checkpointing, "
+                             f"--offload-text-encoders, --offload-reward") from None
+        metrics.update(timer.metrics())
         if (epoch + 1) % args.image_every == 0 or last:
             save_samples(*samples, out / "images" / f"{epoch:06d}.png")
         rows.append(dict(epoch=epoch, **metrics, **(base if epoch == 0 else {}), nfe=cost.nfe, wall_s=cost.wall_s()))
         log(rows[-1], out / "metrics.jsonl")
         if (epoch + 1) % args.save_every == 0 or last or stop.signum:
-            save_checkpoint(out, pipe.transformer, optimizer, gen, dict(
+            save_checkpoint(out, pipe.transformer, optimizer, ema, gen, dict(
                 epoch=epoch + 1, metrics_rows=state["metrics_rows"] + len(rows), nfe=cost.nfe, wall_s=cost.wall_s()))
         if stop.signum:
             raise SystemExit(128 + stop.signum)
         if last:
             break
-    save_lora(pipe, out / "lora")
+    with ema_weights(ema, params):
+        save_lora(pipe, out / "lora")
     return rows
 
 
@@ -921,15 +1119,15 @@ def log(row: dict, path: Path):
 # Entry point: the command line is Args' fields
 # =====================================================================================================
 
-METHODS = {"tempflow": dict(rollout="branch", weighting="noise", group="seed"),
-           "flow_grpo": dict(rollout="sde", weighting="uniform", group="prompt")}
+METHODS = {"tempflow": dict(rollout="branch", weighting="noise", group="seed", adv_std="group"),
+           "flow_grpo": dict(rollout="sde", weighting="uniform", group="prompt", adv_std="global")}
 TINY = dict(  # --tiny: the same loop on a CPU; README.md gives the measurements behind each departure
-    model=str(TINY_WORLD), reward="geneval_toy", resolution=64, max_batch=512,
+    model=str(TINY_WORLD), reward="geneval_toy", resolution=64, max_batch=512, train_batch=512,
     eval_prompt_file=str(TINY_WORLD.parent / "prompts.txt"),
     beta=0.004,                      # SPEC 6's value for GenEval-style rewards
     lr=1e-3, clip_range=0.02,        # at 3e-4 and 1e-4 the tiny model does not move; at lr 3e-3 it collapses
     branches=4, seeds_per_prompt=2,  # G = 6, S = 4 cost 3x the time for about the same gain per epoch
-    epochs=60)
+    prompts_per_epoch=2, epochs=60)
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -961,8 +1159,10 @@ def finalize(args: Args) -> Args:
     for key, value in METHODS[args.method].items():
         setattr(args, key, getattr(args, key) or value)
     for flag, value, choices in (("rollout", args.rollout, "branch sde"), ("group", args.group, "seed prompt"),
-                                 ("weighting", args.weighting, "noise uniform")):
-        check(value in choices.split(), f"--{flag} {value!r} is unknown; choose one of {choices.replace(' ', ', ')}")
+                                 ("weighting", args.weighting, "noise uniform"),
+                                 ("adv_std", args.adv_std, "group global")):
+        check(value in choices.split(), f"--{flag.replace('_', '-')} {value!r} is unknown; choose one of "
+              f"{choices.replace(' ', ', ')}")
     read_prompts(args.prompt_file)
     if args.eval_prompt_file:
         read_prompts(args.eval_prompt_file, "--eval-prompt-file")
@@ -984,9 +1184,13 @@ def finalize(args: Args) -> Args:
     check(args.resolution > 0 and args.resolution % factor == 0,
           f"--resolution {args.resolution}: must be a positive multiple of {factor} (VAE factor x patch size)")
     for flag in ("epochs", "prompts_per_epoch", "seeds_per_prompt", "lora_rank", "optimizer_steps", "save_every",
-                 "eval_every", "eval_steps", "image_every"):
+                 "eval_every", "eval_steps", "image_every", "rollout_prompts"):
         check(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-    check(args.max_batch >= 2, f"--max-batch {args.max_batch}: must be at least 2 (CFG's two halves)")
+    for flag in ("max_batch", "train_batch"):
+        check(getattr(args, flag) >= 2, f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 2 "
+              f"(CFG's two halves)")
+    check(args.reward_dtype in ("float32", "bfloat16"), f"--reward-dtype {args.reward_dtype!r} is unknown; choose "
+          f"float32 or bfloat16")
     check(args.lr > 0 and args.clip_range > 0 and args.beta >= 0, "--lr and --clip-range must be positive, --beta "
           "not negative")
     parse_spec(args.reward)

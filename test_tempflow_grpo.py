@@ -11,6 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 import reward
 import tempflow_grpo as tg
+from bench import sd35m
 
 # SPEC section 1 and 5: the reference grid (T = 10, shift 3) and its noise-aware weights for k = 0..8.
 SPEC_GRID = [1.0000, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.2780, 0.0089, 0.0]
@@ -381,6 +382,34 @@ def test_group_advantages_are_clipped_and_skip_non_finite_rewards():
     assert torch.isfinite(adv).all() and adv[3] == 0 and torch.allclose(adv[:3], clean)
 
 
+def test_global_std_divides_by_the_std_of_all_rewards_and_keeps_the_group_mean():
+    """Per-group std (TempFlow) and global std (Flow-GRPO's global_std) against a hand computation."""
+    rewards = torch.tensor([1.0, 2.0, 4.0, 10.0, 10.0, 13.0, float("nan")])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    r, g = rewards[:6].double().numpy(), groups[:6].numpy()
+    means = np.array([r[g == j].mean() for j in g])
+    per_group = (r - means) / (np.array([r[g == j].std() for j in g]) + 1e-4)
+    overall = (r - means) / (r.std() + 1e-4)
+    for global_std, expected in ((False, per_group), (True, overall)):
+        adv, _ = tg.group_advantages(rewards, groups, clip=100.0, global_std=global_std)
+        assert np.allclose(adv[:6].numpy(), expected, atol=1e-6) and adv[6] == 0
+
+
+def test_a_trunk_is_dropped_only_when_all_its_advantages_are_zero():
+    """SPEC 6: the zero-advantage images of a trunk with any signal still train; a trunk without any signal does
+    not; --drop-zero-std drops every equal-reward group instead; a non-finite reward never trains."""
+    # trunk 0: one group with a signal, one of equal rewards; trunk 1: two groups of equal rewards
+    rewards = torch.tensor([0.2, 0.8, 0.5, 0.5, 0.3, 0.3, 0.9, 0.9, float("nan"), 0.4])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    trunk = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    adv, zero_std = tg.group_advantages(rewards, groups)
+    valid = torch.isfinite(rewards)
+    official = tg.trained_images(adv, trunk, valid, zero_std, drop_zero_std=False)
+    assert official.tolist() == [True] * 4 + [False] * 4 + [False, False]
+    dropped = tg.trained_images(adv, trunk, valid, zero_std, drop_zero_std=True)
+    assert dropped.tolist() == [True] * 2 + [False] * 8
+
+
 @pytest.fixture()
 def lora_pipe():
     pipe = tg.build_tiny_pipeline(seed=0)
@@ -392,6 +421,53 @@ def tiny_batch(pipe, advantage):
     out, _, sigmas = tiny_rollout(pipe, branches=2)
     return tg.Batch(out.x, out.y, out.log_prob, out.step, out.image_noise[out.image] % 2,
                     torch.full_like(out.log_prob, advantage)), sigmas
+
+
+def test_lora_targets_the_official_joint_attention_projections_of_sd35_medium():
+    """SPEC 6: on SD3.5-medium's transformer (built on the meta device) the LoRA wraps the 191 joint-attention
+    projections, none of the dual-attention blocks' attn2, with 18.8 M parameters at rank 32."""
+    transformer = sd35m.build_sd35m("meta").transformer
+    params = tg.add_lora(transformer, rank=32)
+    wrapped = [name for name, module in transformer.named_modules() if hasattr(module, "lora_A")]
+    assert len(wrapped) == 191 and not any(".attn2." in name for name in wrapped)
+    assert round(sum(p.numel() for p in params) / 1e6, 1) == 18.8
+
+
+def test_t5_prompt_is_128_tokens_as_the_official_code_encodes():
+    """SPEC 9: the prompt embeddings hold the CLIP tokens and 128 T5 tokens, not the pipeline's default 256."""
+    pipe = tg.build_tiny_pipeline(seed=0)
+    pipe.tokenizer_3.model_max_length = 512
+    clip_tokens = pipe.tokenizer.model_max_length
+    assert tg.encode_prompts(pipe, ["a red circle"]).embeds.shape[1] == clip_tokens + 128
+
+
+def test_default_epoch_is_the_reference_batch(tmp_path):
+    """SPEC 6: by default an epoch is 48 prompts x 4 seeds: 10,368 trained transitions, 5,184 per optimizer step,
+    for TempFlow's branches and for Flow-GRPO's 48 groups of 24 alike."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n")
+    for method in ("tempflow", "flow_grpo"):
+        args = tg.finalize(tg.Args(prompt_file=str(prompts), method=method))
+        size = tg.epoch_size(args, tg.parse_branch_steps(args.branch_steps, args.steps))
+        assert (args.prompts_per_epoch, size["transitions"], size["per_step"]) == (48, 10368, 5184)
+
+
+def test_ema_follows_the_official_decay_schedule():
+    """SPEC 6: the EMA moves at every 8th optimizer step n, to decay_n ema + (1 - decay_n) live with
+    decay_n = min((1 + n) / (10 + n), 0.9), and stays put in between."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    ema, expected = tg.make_ema([param]), torch.zeros(3)
+    for n in range(1, 121):
+        with torch.no_grad():
+            param.add_(1.0)  # the live weights after optimizer step n
+        tg.ema_update(ema, [param], n)
+        if (n + 1) % 8 == 0:
+            decay = min((1 + n) / (10 + n), 0.9)
+            expected = decay * expected + (1 - decay) * param.detach()
+        assert torch.allclose(ema.shadow_params[0], expected, atol=1e-5), n
+    with tg.ema_weights(ema, [param]):
+        assert torch.equal(param.detach(), ema.shadow_params[0])
+    assert torch.equal(param.detach(), torch.full((3,), 120.0))  # the live weights are back
 
 
 def test_first_training_pass_has_ratio_one_and_zero_kl(lora_pipe):
@@ -454,18 +530,63 @@ def lora_of(out):
     return load_file(next((out / "checkpoints").glob("epoch_*")) / "lora.safetensors")
 
 
+def exported_lora(out):
+    from safetensors.torch import load_file
+
+    return load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+
+
+def test_an_epochs_sampling_does_not_grow_with_its_prompts(pipe, random_model, prompt_file, tmp_path, monkeypatch):
+    """Sampling, decoding and scoring go one chunk of --rollout-prompts prompts at a time: the largest tensor they
+    create is the same at 2 and at 8 prompts per epoch, and an epoch keeps at most 32 images (its grid's)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.nbytes = max([self.nbytes, *sizes])
+            return out
+
+    largest, sample_chunk = Largest(), tg.sample_chunk
+
+    def measured(*args, **kwargs):
+        with largest:
+            return sample_chunk(*args, **kwargs)
+    monkeypatch.setattr(tg, "sample_chunk", measured)
+    seen = []
+    for prompts in (2, 8):
+        args = quick_args(random_model, prompt_file, tmp_path, "--prompts-per-epoch", str(prompts),
+                          "--rollout-prompts", "2", "--image-every", "1")
+        largest.nbytes, sigmas = 0, tg.sigma_grid(pipe.scheduler, args.steps)
+        batch, _, metrics, (images, captions) = tg.collect(
+            pipe, args, ["a red circle", "two blue squares"], reward.load_reward("color"), sigmas,
+            tg.parse_branch_steps("", args.steps), torch.Generator().manual_seed(0), tg.Timer(torch.device("cpu")))
+        seen.append((largest.nbytes, metrics["images"]))
+        assert len(images) == len(captions) == min(32, metrics["images"])
+    assert seen[0][0] == seen[1][0] and seen[1][1] == 4 * seen[0][1]
+
+
 def test_resume_continues_exactly(random_model, prompt_file, tmp_path):
-    """4 epochs straight, and 2 epochs then --resume to 4, give the same LoRA and the same metrics rows."""
+    """4 epochs straight, and 2 epochs then --resume to 4, give the same LoRA, the same EMA and the same metrics
+    rows."""
     straight = tg.train(quick_args(random_model, prompt_file, tmp_path / "a", "--epochs", "4"))
     tg.train(quick_args(random_model, prompt_file, tmp_path / "b", "--epochs", "2"))
     tg.train(quick_args(random_model, prompt_file, tmp_path / "b", "--epochs", "4", "--resume"))
     a, b = lora_of(tmp_path / "a"), lora_of(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k), "the LoRA never moved: the test would prove nothing"
+    ema_a, ema_b = exported_lora(tmp_path / "a"), exported_lora(tmp_path / "b")  # the EMA, moved at step 7 of 8
+    assert ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert not all(torch.equal(ema_a[k].float(), a[k.replace("transformer.", "")].float()) for k in ema_a if
+                   k.replace("transformer.", "") in a), "the EMA equals the live weights: the test would prove nothing"
     rows_b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows_b) == 4
-    for x, y in zip(straight, rows_b):
-        assert {k: v for k, v in x.items() if k != "wall_s"} == {k: v for k, v in y.items() if k != "wall_s"}
+    for x, y in zip(straight, rows_b):  # every number but the seconds
+        assert {k: v for k, v in x.items() if not k.endswith("_s")} == {k: v for k, v in y.items() if not k.endswith("_s")}
 
 
 def test_resume_of_a_run_that_spent_its_nfe_budget_trains_no_further(random_model, prompt_file, tmp_path):
@@ -500,7 +621,7 @@ def test_checkpoint_interrupted_mid_write_leaves_the_previous_one(random_model, 
     pipe = tg.build_tiny_pipeline(0)
     tg.add_lora(pipe.transformer, json.loads((tmp_path / "config.json").read_text())["lora_rank"])
     optimizer = torch.optim.AdamW([p for p in pipe.transformer.parameters() if p.requires_grad])
-    state = tg.load_checkpoint(tmp_path, pipe.transformer, optimizer, torch.Generator())
+    state = tg.load_checkpoint(tmp_path, pipe.transformer, optimizer, None, torch.Generator())
     assert state["epoch"] == 1 and lora_of(tmp_path).keys() == before.keys()
 
 
@@ -616,6 +737,58 @@ def test_bad_input_fails_with_one_line_naming_the_flag(tmp_path, monkeypatch, fl
     with pytest.raises(SystemExit) as err:
         tg.main(["--prompt-file", str(path), "--out", str(tmp_path / "run"), *flags])
     assert str(err.value).startswith("error:") and "\n" not in str(err.value) and flag in str(err.value)
+
+
+# ---------------------------------------------------------------- SD3.5-medium with random weights (bench/sd35m.py)
+
+def test_sd35m_architecture_has_specs_shapes():
+    """SPEC 9 on the meta device: the transformer, VAE and text encoders have SD3.5-medium's configs, and the
+    prompt is 77 CLIP + 128 T5 tokens of width 4096 with a 2048-wide pooled embedding."""
+    pipe = sd35m.build_sd35m("meta")
+    t = pipe.transformer.config
+    assert (t.sample_size, t.patch_size, t.in_channels, t.out_channels, t.num_layers, t.attention_head_dim,
+            t.num_attention_heads, t.joint_attention_dim, t.caption_projection_dim, t.pooled_projection_dim,
+            t.pos_embed_max_size, tuple(t.dual_attention_layers), t.qk_norm) == (
+        128, 2, 16, 16, 24, 64, 24, 4096, 1536, 2048, 384, tuple(range(13)), "rms_norm")
+    v = pipe.vae.config
+    assert (v.latent_channels, pipe.vae_scale_factor, tuple(v.block_out_channels), v.scaling_factor,
+            v.shift_factor, v.use_quant_conv, v.use_post_quant_conv) == (16, 8, (128, 256, 512, 512), 1.5305, 0.0609,
+                                                                         False, False)
+    widths = [(e.config.hidden_size, e.config.num_hidden_layers, e.config.projection_dim)
+              for e in (pipe.text_encoder, pipe.text_encoder_2)]
+    t5 = pipe.text_encoder_3.config
+    assert widths == [(768, 12, 768), (1280, 32, 1280)]
+    assert (t5.d_model, t5.num_layers, t5.d_ff, t5.num_heads, t5.d_kv, t5.vocab_size, t5.feed_forward_proj) == (
+        4096, 24, 10240, 64, 64, 32128, "gated-gelu")
+    embeds = tg.encode_prompts(pipe, ["a red circle"])
+    assert embeds.embeds.shape == (1, 77 + 128, 4096) and embeds.pooled.shape == (1, 2048)
+
+
+def test_sd35m_is_built_frozen_in_its_dtype_and_restores_the_default_dtype():
+    """build_sd35m gives every model in eval mode, without gradients, with all its tensors in the dtype asked for,
+    and leaves torch's default dtype as it found it."""
+    default = torch.get_default_dtype()
+    pipe = sd35m.build_sd35m(reduced=True, dtype=torch.bfloat16)
+    models = [pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+    tensors = [t for m in models for t in [*m.parameters(), *m.buffers()] if t.is_floating_point()]
+    assert not any(m.training for m in models) and not any(t.requires_grad for t in tensors)
+    assert {t.dtype for t in tensors} == {torch.bfloat16} and torch.get_default_dtype() == default
+
+
+def test_reduced_sd35m_and_pickscore_run_one_epoch(tmp_path, monkeypatch):
+    """The miniature SD3.5-medium and PickScore, saved as model folders, train one epoch through tg.train with
+    --reward pickscore: a finite reward and a saved LoRA."""
+    sd35m.save_sd35m(tmp_path / "model", reduced=True)
+    sd35m.build_pickscore(tmp_path / "pickscore", reduced=True)
+    sd35m.pickscore_env(tmp_path / "pickscore", monkeypatch.setenv)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\ntwo blue squares\n")
+    rows = tg.train(tg.parse_args([
+        "--model", str(tmp_path / "model"), "--prompt-file", str(prompts), "--out", str(tmp_path / "run"),
+        "--reward", "pickscore", "--resolution", "64", "--steps", "3", "--branches", "2", "--seeds-per-prompt", "1",
+        "--prompts-per-epoch", "1", "--epochs", "1", "--lora-rank", "4"]))
+    assert len(rows) == 1 and math.isfinite(rows[0]["reward_mean"])
+    assert (tmp_path / "run" / "lora").is_dir()
 
 
 # ---------------------------------------------------------------- the tiny world

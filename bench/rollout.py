@@ -2,6 +2,7 @@
 
     python bench/rollout.py                  # the tiny world on this machine's CPU -> bench/results/rollout.md
     python bench/rollout.py --arch sd35m     # SD3.5-medium's architecture, random weights, bf16, on a GPU
+    python bench/rollout.py --arch sd35m --reduced --repeats 1   # its miniature: a dry run on a CPU
 
 For the reference setting (T = 10, B = 0..8, G = 6, S = 4 seeds of one prompt) it reports:
   - transformer evaluations counted by a forward hook against SPEC's formula, for both rollouts;
@@ -11,7 +12,7 @@ For the reference setting (T = 10, B = 0..8, G = 6, S = 4 seeds of one prompt) i
     model and libraries included);
   - seconds per epoch: the branching rollout plus one epoch of training on its transitions (no decoding or reward).
 Speed and memory depend on shapes, not weights, so sd35m builds SPEC section 9's transformer with random weights
-and random prompt embeddings of the real shapes (77 CLIP + 256 T5 tokens).
+(bench/sd35m.py) and random prompt embeddings of the real shapes (77 CLIP + 128 T5 tokens).
 """
 import argparse
 import multiprocessing
@@ -25,23 +26,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tempflow_grpo as tg  # noqa: E402
-
-SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-             pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
-             qk_norm="rms_norm")
+from bench import sd35m  # noqa: E402
 
 
-def setup(arch: str, resolution: int, n: int):
+def setup(arch: str, resolution: int, n: int, reduced: bool = False):
     """(transformer, prompt embeddings for n rows, n initial noises [n, C, H, W], the T = 10 grid, device)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if arch == "sd35m":
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        transformer = SD3Transformer2DModel(**SD35M).to(device, dtype).eval().requires_grad_(False)
-        embeds = tg.PromptEmbeds(torch.randn(1, 333, 4096), torch.randn(1, 2048), torch.randn(1, 333, 4096),
-                                 torch.randn(1, 2048))
+        config = sd35m.configs(reduced)["transformer"]
+        with sd35m.building_on(device, dtype):
+            transformer = SD3Transformer2DModel(**config).eval().requires_grad_(False)
+        tokens, width, pooled = sd35m.CLIP_TOKENS + sd35m.T5_TOKENS, config["joint_attention_dim"], \
+            config["pooled_projection_dim"]
+        embeds = tg.PromptEmbeds(torch.randn(1, tokens, width), torch.randn(1, pooled), torch.randn(1, tokens, width),
+                                 torch.randn(1, pooled))
         embeds = tg.PromptEmbeds(*(t.to(device, dtype) for t in embeds))
         scheduler, side, channels = FlowMatchEulerDiscreteScheduler(shift=3.0), resolution // 8, 16
     else:
@@ -66,10 +67,11 @@ def one_branch_at_a_time(transformer, noise, prompts, sigmas, branch_steps, bran
             x = tg.ode_step(x, v, sigmas, i)
 
 
-def run_variant(arch: str, resolution: int, variant: str, max_batch: int, repeats: int = 3) -> dict:
+def run_variant(arch: str, resolution: int, variant: str, max_batch: int, repeats: int = 3, reduced: bool = False
+                ) -> dict:
     """Time one variant (the fastest of `repeats`, after a warm-up call) and count its transformer evaluations."""
     # S = 4 seeds of one prompt; the SDE rollout draws S*G = 24 independent samples of it
-    transformer, prompts, noise, sigmas, device = setup(arch, resolution, 24 if variant == "sde" else 4)
+    transformer, prompts, noise, sigmas, device = setup(arch, resolution, 24 if variant == "sde" else 4, reduced)
     branch_steps, cost = list(range(9)), tg.Cost(transformer)
     autocast = tg.autocast(device)
     with torch.no_grad(), autocast:
@@ -103,7 +105,7 @@ def train_seconds(transformer, out, prompts, sigmas, max_batch, device) -> float
     params = tg.add_lora(transformer, 32)
     batch = tg.Batch(out.x, out.y, out.log_prob, out.step, out.image_noise[out.image],
                      torch.randn(len(out.x), device=device))
-    args = tg.Args(max_batch=max_batch, gradient_checkpointing=device.type == "cuda")
+    args = tg.Args(max_batch=max_batch, train_batch=max_batch, gradient_checkpointing=device.type == "cuda")
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -126,18 +128,23 @@ def main():
     parser.add_argument("--arch", choices=["tiny", "sd35m"], default="tiny")
     parser.add_argument("--resolution", type=int, default=None, help="default: 64 (tiny), 512 (sd35m)")
     parser.add_argument("--max-batch", type=int, default=None, help="default: 512 (tiny), 48 (sd35m)")
+    parser.add_argument("--reduced", action="store_true", help="sd35m's miniature (bench/sd35m.py): a dry run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each variant (the fastest counts)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout.md")
     args = parser.parse_args()
     resolution = args.resolution or (512 if args.arch == "sd35m" else 64)
     max_batch = args.max_batch or (48 if args.arch == "sd35m" else 512)
-    results = {v: in_fresh_process(args.arch, resolution, v, max_batch) for v in ("branch", "sde", "one_at_a_time")}
+    results = {v: in_fresh_process(args.arch, resolution, v, max_batch, args.repeats, args.reduced)
+               for v in ("branch", "sde", "one_at_a_time")}
     formula = {v: 4 * tg.rollout_nfe(v, 10, list(range(9)), 6, 4.5) for v in ("branch", "sde")}
     formula["sde"] *= 6  # S*G = 24 independent samples
     per_nfe = {v: r["seconds"] / r["nfe"] for v, r in results.items()}
     threads = f"cpu, {torch.get_num_threads()} threads"
     device = f"cuda: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else threads
-    lines = [f"# Rollout benchmark: {args.arch}, {resolution} px, T = 10, B = 0..8, G = 6, S = 4, one prompt",
-             f"\nMeasured by `python bench/rollout.py --arch {args.arch}` on {device}, torch {torch.__version__}.\n",
+    arch = args.arch + (" (reduced)" if args.reduced else "")
+    command = " ".join(["python bench/rollout.py", *sys.argv[1:]])
+    lines = [f"# Rollout benchmark: {arch}, {resolution} px, T = 10, B = 0..8, G = 6, S = 4, one prompt",
+             f"\nMeasured by `{command}` on {device}, torch {torch.__version__}.\n",
              "| rollout | NFE counted | SPEC formula | seconds | ms per NFE | peak memory (MB) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for v, r in results.items():

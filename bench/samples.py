@@ -30,9 +30,10 @@ def main():
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tiny_samples.png")
     args = parser.parse_args()
     pipe = tg.build_tiny_pipeline(pretrained=True)
-    base = tg.ode_images(pipe, PROMPTS, args.steps, 4.5, 64, torch.Generator().manual_seed(args.seed))
+    noise = tg.initial_noise(pipe, len(PROMPTS), 64, torch.Generator().manual_seed(args.seed))
+    base = tg.ode_images(pipe, PROMPTS, noise, args.steps, 4.5)
     pipe.load_lora_weights(args.run / "lora")
-    tuned = tg.ode_images(pipe, PROMPTS, args.steps, 4.5, 64, torch.Generator().manual_seed(args.seed))
+    tuned = tg.ode_images(pipe, PROMPTS, noise, args.steps, 4.5)
     images, captions = [], []
     for half in (slice(0, 8), slice(8, 16)):
         for label, batch in (("base", base), ("tuned", tuned)):
