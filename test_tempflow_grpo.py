@@ -644,6 +644,33 @@ def test_sigint_saves_a_checkpoint_and_exits_non_zero(random_model, prompt_file,
     assert 1 <= state["epoch"] < 1000 and state["metrics_rows"] == len(metrics.read_text().splitlines())
 
 
+def test_kill_9_loses_at_most_one_epoch(random_model, prompt_file, tmp_path):
+    """SIGKILL in the middle of a run with the default --save-every: the last complete checkpoint is at most one
+    epoch behind the last logged epoch, and --resume continues from it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = sys_argv_of(random_model, prompt_file, tmp_path)
+    del argv[argv.index("--save-every"):argv.index("--save-every") + 2]  # the default
+    proc = subprocess.Popen([sys.executable, "tempflow_grpo.py", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=Path(tg.__file__).parent)
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 120
+    while proc.poll() is None and time.time() < deadline and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    logged = len(metrics.read_text().splitlines())
+    done = max(int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("epoch_*") if p.suffix != ".tmp")
+    assert logged - 1 <= done <= logged
+    argv[argv.index("--epochs") + 1] = str(done + 1)
+    subprocess.run([sys.executable, "tempflow_grpo.py", *argv, "--resume"], check=True, capture_output=True,
+                   cwd=Path(tg.__file__).parent)
+    assert len(metrics.read_text().splitlines()) == done + 1
+
+
 def sys_argv_of(model, prompts, out):
     return ["--tiny", "--model", model, "--prompt-file", prompts, "--out", str(out), "--reward", "color",
             "--steps", "4", "--branches", "2", "--seeds-per-prompt", "1", "--prompts-per-epoch", "1",
@@ -662,6 +689,75 @@ def test_run_writes_config_metrics_evaluations_images_and_lora(random_model, pro
     assert json.loads((tmp_path / "config.json").read_text())["rollout"] == "branch"
     assert len(list((tmp_path / "images").glob("*.png"))) == 5  # base, 2 evaluations, 2 sample grids
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
+    from PIL import Image
+    assert Image.open(tmp_path / "curves.png").size == (1200, 600)
+
+
+def test_a_log_written_to_a_file_is_one_line_per_epoch(random_model, prompt_file, tmp_path):
+    """`python tempflow_grpo.py ... > train.log 2>&1`: the epoch's size once, then one fixed-format line per epoch;
+    no progress-bar redraw."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "train.log"
+    argv = sys_argv_of(random_model, prompt_file, tmp_path / "run")
+    argv[argv.index("--epochs") + 1] = "3"
+    with log.open("w") as file:
+        subprocess.run([sys.executable, "tempflow_grpo.py", *argv], stdout=file, stderr=subprocess.STDOUT, check=True,
+                       cwd=Path(tg.__file__).parent)
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("epoch: ") and [line.split(" | ")[0] for line in lines[1:]] == [
+        "epoch 0", "epoch 1", "epoch 2"], lines
+    assert "\r" not in log.read_text()
+
+
+def test_progress_in_a_log_file_is_a_plain_line_now_and_then(monkeypatch):
+    """Off a terminal, a long loop's bar becomes a whole line every every_s seconds (none before), with no carriage
+    return or escape code."""
+    import io
+    import sys
+    import time
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", log)
+    monkeypatch.setattr(sys, "stderr", log)
+    for _ in tg.progress(range(2), every_s=0.05, desc="epochs"):
+        for _ in tg.progress(range(4), every_s=0.05, desc="sample", leave=False):
+            time.sleep(0.03)
+    lines = log.getvalue().splitlines()
+    assert any(line.startswith("sample: ") for line in lines)
+    assert all(line.startswith(("epochs: ", "sample: ")) for line in lines)
+    assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
+    log.truncate(0)
+    for _ in tg.progress(range(5), every_s=60, desc="train"):
+        pass
+    assert log.getvalue() == ""
+
+
+def test_wandb_missing_is_one_line_naming_the_flag_and_the_install(tmp_path, monkeypatch):
+    """Without the wandb package, --wandb stops with one line that names the flag and the pip command."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError, installed or not
+    with pytest.raises(SystemExit) as stop:
+        tg.open_tracker("p", {}, tmp_path, resume=False)
+    message = str(stop.value.code)
+    assert "\n" not in message and "--wandb" in message and "pip install wandb" in message
+
+
+def test_wandb_offline_run_logs_every_epoch_and_resume_continues_it(random_model, prompt_file, tmp_path,
+                                                                    monkeypatch):
+    """--wandb in wandb's offline mode: a run logs to out/wandb, and --resume continues the same wandb run."""
+    pytest.importorskip("wandb")
+    for key, value in dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CACHE_DIR=tmp_path / "cache",
+                           WANDB_CONFIG_DIR=tmp_path / "config", WANDB_DATA_DIR=tmp_path / "data").items():
+        monkeypatch.setenv(key, str(value))
+    tg.train(quick_args(random_model, prompt_file, tmp_path / "run", "--epochs", "1", "--wandb", "tempflow-test"))
+    run_id = (tmp_path / "run" / "wandb_id").read_text()
+    assert list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    tg.train(quick_args(random_model, prompt_file, tmp_path / "run", "--epochs", "2", "--wandb", "tempflow-test",
+                        "--resume"))
+    assert (tmp_path / "run" / "wandb_id").read_text() == run_id
 
 
 def test_exported_lora_reproduces_the_trained_model():
@@ -790,6 +886,23 @@ def test_reduced_sd35m_and_pickscore_run_one_epoch(tmp_path, monkeypatch):
     assert len(rows) == 1 and math.isfinite(rows[0]["reward_mean"])
     assert (tmp_path / "run" / "lora").is_dir()
 
+
+
+def test_gpu_script_dry_run_measures_every_cap_and_the_rollout(tmp_path):
+    """bench/gpu.py --dry-run (its reduced models on the CPU) runs the rollout benchmark and one epoch of train()
+    per memory cap, and writes a table with the seconds of each cap and the rollout's counted evaluations."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu.md"
+    subprocess.run([sys.executable, "bench/gpu.py", "--dry-run", "--out", str(out), "--folder", str(tmp_path / "work")],
+                   check=True, capture_output=True, cwd=Path(tg.__file__).parent)
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")]
+    caps = [row for row in rows if row[0].strip().endswith("GB")]
+    assert [row[0].strip() for row in caps] == ["80 GB", "48 GB", "24 GB"]
+    assert all(float(row[5]) > 0 for row in caps), caps  # train seconds: the epoch ran under every cap
+    branch = next(row for row in rows if row[0].strip() == "branch")
+    assert branch[1] == branch[2]  # NFE counted == SPEC's formula
 
 # ---------------------------------------------------------------- the tiny world
 

@@ -1,6 +1,5 @@
 """TempFlow-GRPO against Flow-GRPO and the two halves of TempFlow, at an equal budget of transformer evaluations.
 
-    pip install -r bench/requirements.txt
     python bench/compare.py          # about 35 minutes on 2 CPU cores -> bench/results/compare.md and compare.png
 
 Each variant trains the tiny world (`--tiny`) from 3 seeds until --budget latents have gone through the

@@ -38,6 +38,8 @@ CAPS = {
          "--offload-reward", "--reward-dtype", "bfloat16"],
 }
 PROMPT = "two red circles on the left of a blue square"
+# --dry-run: the reduced models, small images and a short epoch, to check the script end to end in seconds
+DRY_RUN = ["--resolution", "32", "--lora-rank", "4", "--steps", "4", "--branches", "2", "--seeds-per-prompt", "2"]
 REFERENCE_PROMPTS, RUN_EPOCHS = 48, 1000
 
 
@@ -53,8 +55,7 @@ def worker(cap_gb: int, flags: list[str], folder: Path, dry_run: bool) -> dict:
     (folder / "prompts.txt").write_text(PROMPT + "\n")
     argv = ["--model", "random-sd35m", "--prompt-file", str(folder / "prompts.txt"), "--out",
             str(folder / f"run{cap_gb}"), "--reward", "pickscore", "--prompts-per-epoch", "1", "--epochs", "1",
-            "--save-every", "1", "--image-every", "1", *(["--resolution", "64", "--lora-rank", "4"] if dry_run else []),
-            *flags]
+            "--save-every", "1", "--image-every", "1", *(DRY_RUN if dry_run else []), *flags]
     start = time.perf_counter()
     try:
         row = tg.train(tg.parse_args(argv))[0]
@@ -112,7 +113,7 @@ def report(path: Path, rollout_md: str, results: list[dict], dry_run: bool):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="reduced models at 64 px on the CPU")
+    parser.add_argument("--dry-run", action="store_true", help="reduced models, 32 px, a short epoch, on the CPU")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.md")
     parser.add_argument("--folder", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "tempflow_gpu",
                         help="scratch space for the reward model and the runs")
@@ -131,7 +132,7 @@ def main():
     rollout_md, results = "", []
     rollout_out = args.folder / "rollout.md"
     rollout = [sys.executable, str(ROOT / "bench" / "rollout.py"), "--arch", "sd35m", "--repeats", "1",
-               "--out", str(rollout_out)] + (["--reduced", "--resolution", "64"] if args.dry_run else [])
+               "--out", str(rollout_out)] + (["--reduced", "--resolution", "32", "--seeds", "1"] if args.dry_run else [])
     try:
         subprocess.run(rollout, check=True, capture_output=True, timeout=args.timeout)
         rollout_md = "\n".join(rollout_out.read_text().splitlines()[2:])

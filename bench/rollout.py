@@ -67,11 +67,12 @@ def one_branch_at_a_time(transformer, noise, prompts, sigmas, branch_steps, bran
             x = tg.ode_step(x, v, sigmas, i)
 
 
-def run_variant(arch: str, resolution: int, variant: str, max_batch: int, repeats: int = 3, reduced: bool = False
-                ) -> dict:
+def run_variant(arch: str, resolution: int, variant: str, max_batch: int, repeats: int = 3, reduced: bool = False,
+                seeds: int = 4) -> dict:
     """Time one variant (the fastest of `repeats`, after a warm-up call) and count its transformer evaluations."""
-    # S = 4 seeds of one prompt; the SDE rollout draws S*G = 24 independent samples of it
-    transformer, prompts, noise, sigmas, device = setup(arch, resolution, 24 if variant == "sde" else 4, reduced)
+    # S seeds of one prompt; the SDE rollout draws S*G independent samples of it
+    transformer, prompts, noise, sigmas, device = setup(arch, resolution, seeds * (6 if variant == "sde" else 1),
+                                                        reduced)
     branch_steps, cost = list(range(9)), tg.Cost(transformer)
     autocast = tg.autocast(device)
     with torch.no_grad(), autocast:
@@ -130,20 +131,21 @@ def main():
     parser.add_argument("--max-batch", type=int, default=None, help="default: 512 (tiny), 48 (sd35m)")
     parser.add_argument("--reduced", action="store_true", help="sd35m's miniature (bench/sd35m.py): a dry run")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each variant (the fastest counts)")
+    parser.add_argument("--seeds", type=int, default=4, help="S, initial noises of the one prompt (reference: 4)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout.md")
     args = parser.parse_args()
     resolution = args.resolution or (512 if args.arch == "sd35m" else 64)
     max_batch = args.max_batch or (48 if args.arch == "sd35m" else 512)
-    results = {v: in_fresh_process(args.arch, resolution, v, max_batch, args.repeats, args.reduced)
+    results = {v: in_fresh_process(args.arch, resolution, v, max_batch, args.repeats, args.reduced, args.seeds)
                for v in ("branch", "sde", "one_at_a_time")}
-    formula = {v: 4 * tg.rollout_nfe(v, 10, list(range(9)), 6, 4.5) for v in ("branch", "sde")}
-    formula["sde"] *= 6  # S*G = 24 independent samples
+    formula = {v: args.seeds * tg.rollout_nfe(v, 10, list(range(9)), 6, 4.5) for v in ("branch", "sde")}
+    formula["sde"] *= 6  # S*G independent samples
     per_nfe = {v: r["seconds"] / r["nfe"] for v, r in results.items()}
     threads = f"cpu, {torch.get_num_threads()} threads"
     device = f"cuda: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else threads
     arch = args.arch + (" (reduced)" if args.reduced else "")
     command = " ".join(["python bench/rollout.py", *sys.argv[1:]])
-    lines = [f"# Rollout benchmark: {arch}, {resolution} px, T = 10, B = 0..8, G = 6, S = 4, one prompt",
+    lines = [f"# Rollout benchmark: {arch}, {resolution} px, T = 10, B = 0..8, G = 6, S = {args.seeds}, one prompt",
              f"\nMeasured by `{command}` on {device}, torch {torch.__version__}.\n",
              "| rollout | NFE counted | SPEC formula | seconds | ms per NFE | peak memory (MB) |",
              "| --- | --- | --- | --- | --- | --- |"]
