@@ -3,6 +3,7 @@ trajectory branching and noise-aware weighting, and the Flow-GRPO baseline behin
 
     python tempflow_grpo.py --tiny --prompt-file tiny_world/prompts.txt --out runs/tiny   # CPU, minutes
     python tempflow_grpo.py --prompt-file prompts.txt --out runs/sd35m                    # one GPU, SD3.5-M + PickScore
+    torchrun --nproc_per_node 8 tempflow_grpo.py --prompt-file prompts.txt ...           # the epoch over 8 GPUs
     python tempflow_grpo.py --method flow_grpo ...                                       # the baseline
 
 An epoch: sample P prompts; for each, S initial noises; integrate an ODE trunk from each noise and, at every
@@ -38,14 +39,15 @@ Deliberate departures from the paper or the official code (each a flag where it 
   6. Latents are float32 throughout; on CUDA the transformer runs under bf16 autocast, the step math in float32.
   7. Rewards enter the advantages as they are; the official code divides PickScore by 26 first, which only the
      1e-4 in the std's denominator notices (it weighs 26x more against the spread there).
-  8. The epoch is one process's: its 48 prompts are accumulated on one GPU where the official run spread them
-     over 48 GPUs; the update it makes is the same.
+  8. The reference epoch's 48 prompts are accumulated on one GPU, or split over torchrun's processes, where the
+     official run used 48 GPUs; the update they make is the same.
   9. --tiny changes the model, reward, resolution and the optimisation settings listed in TINY below, each
      chosen by a measurement given there and in README.md.
 """
 import argparse
 import ast
 import copy
+import datetime
 import json
 import logging
 import math
@@ -61,6 +63,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -153,8 +156,9 @@ class Args:
     # ---- memory levers: where and how much sits on the GPU at once
     max_batch: int = 32
     """most latents in one no-grad transformer call (rollout, evaluation) and one VAE decode, CFG's halves counted"""
-    train_batch: int = 32
-    """most latents in one training forward and backward, CFG's halves counted; gradients accumulate over them"""
+    train_batch: int = 8
+    """most latents in one training forward and backward, CFG's halves counted; gradients accumulate over them
+    (8: bench/gpu.py's first guess for an 80 GB card, not yet measured on one)"""
     rollout_prompts: int = 4
     """prompts sampled, decoded and scored together: GPU memory grows with this, not with --prompts-per-epoch"""
     gradient_checkpointing: bool = False
@@ -664,6 +668,86 @@ class Timer:
         return {**{k: round(v, 2) for k, v in self.seconds.items()}, **peak}
 
 
+# ---------------- several GPUs: torchrun's processes split the epoch's prompts and make one update ----------------
+
+
+def init_distributed() -> torch.device:
+    """This process's device; under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) first the process group, NCCL on
+    GPUs and gloo on CPUs. A peer that dies makes torchrun stop the others; one that hangs, the timeout."""
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _wire() -> torch.device:
+    """Where collectives take their tensors: the GPU for NCCL, the CPU for gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def gather(t: Tensor) -> Tensor:
+    """Every process's t (one shape on all), concatenated in rank order, on the CPU; t itself in one process."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t, device=_wire()) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.to(_wire()))
+    return torch.cat(parts).cpu()
+
+
+def all_sum(value: float) -> float:
+    """value summed over processes."""
+    if not dist.is_initialized():
+        return value
+    total = torch.tensor(float(value), dtype=torch.float64, device=_wire())
+    dist.all_reduce(total)
+    return total.item()
+
+
+def sum_gradients(params: list[torch.nn.Parameter]):
+    """Each parameter's gradient summed over processes in one flat all-reduce; a process that trained nothing in
+    this step adds zeros (and takes part, so nobody waits for it)."""
+    if not dist.is_initialized():
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    dist.all_reduce(flat)
+    for p, grad in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = grad.view_as(p)
+
+
+def mean_over_processes(stats: dict, weight: float) -> dict:
+    """Each statistic's mean over the processes that have it, weighted (by their transitions)."""
+    if not dist.is_initialized():
+        return stats
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (stats, weight))
+    mean = {}
+    for key in {k for s, _ in every for k in s}:
+        pairs = [(s[key], w) for s, w in every if key in s]
+        total = sum(w for _, w in pairs)
+        mean[key] = sum(v * w for v, w in pairs) / total if total else sum(v for v, _ in pairs) / len(pairs)
+    return mean
+
+
+def check_in_sync(params: list[torch.nn.Parameter]):
+    """Every process holds the same LoRA (the reduced gradients keep it so); a bug that broke that would otherwise
+    train N diverging models in silence."""
+    if not dist.is_initialized():
+        return
+    mine = torch.cat([p.detach().flatten() for p in params]).to(_wire())
+    first = mine.clone()
+    dist.broadcast(first, 0)
+    differs = torch.tensor(float(not torch.equal(mine, first)), device=_wire())
+    dist.all_reduce(differs)
+    if differs.item():
+        raise RuntimeError(f"the LoRA weights of {int(differs.item())} process(es) differ from process 0's")
+
+
 # ---------------- long runs: the out folder, checkpoints, signals, evaluation, image grids ----------------
 
 # settings a resumed run may change: none of them alters the trajectory of training
@@ -672,9 +756,16 @@ RESUMABLE = {"epochs", "resume", "save_every", "eval_every", "image_every", "eva
 
 
 def prepare_out(args: Args) -> Path:
-    """Refuse an --out that holds another run, or this run without --resume; then write config.json."""
+    """Refuse an --out that holds another run, this run without --resume, or a resume by another number of
+    processes; then the first process writes config.json."""
     out, config = Path(args.out), asdict(args)
     saved = out / "config.json"
+    done = sorted(p for p in (out / "checkpoints").glob("epoch_*") if p.suffix != ".tmp")
+    processes = json.loads((done[-1] / "state.json").read_text()).get("processes", 1) if done else None
+    world = rank_and_world()[1]
+    if args.resume and processes not in (None, world):
+        raise SystemExit(f"error: --resume: the run in --out {args.out} ran as {processes} process(es), this is "
+                         f"{world}; resume it with torchrun --nproc_per_node {processes} (its noise is per process)")
     if saved.exists():
         old = json.loads(saved.read_text())
         changed = sorted(k for k in (config.keys() | old.keys()) - RESUMABLE if config.get(k) != old.get(k))
@@ -685,22 +776,32 @@ def prepare_out(args: Args) -> Path:
         if not args.resume:
             raise SystemExit(f"error: --out {args.out} already holds this run; pass --resume to continue it or "
                              f"choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(config, indent=1))
+    if rank_and_world()[0] == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(config, indent=1))
     return out
 
 
-def save_checkpoint(out: Path, transformer, optimizer, ema, gen: torch.Generator, state: dict):
-    """Write checkpoints/epoch_N atomically (a temporary folder renamed when complete), then drop older ones."""
+def save_checkpoint(out: Path, transformer, params, optimizer, ema, gen: torch.Generator, state: dict):
+    """Write checkpoints/epoch_N atomically (a temporary folder renamed when complete), then drop older ones. Under
+    torchrun the first process writes, with every process's generator state, after checking that all hold the same
+    LoRA."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    gens = [gen.get_state()]
+    if dist.is_initialized():
+        check_in_sync(params)
+        gens = [None] * dist.get_world_size()
+        dist.all_gather_object(gens, gen.get_state().cpu())
+    if rank_and_world()[0] != 0:
+        return
     root = out / "checkpoints"
     final, tmp = root / f"epoch_{state['epoch']:06d}", root / f"epoch_{state['epoch']:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(get_peft_model_state_dict(transformer), tmp / "lora.safetensors")
-    rng = dict(gen=gen.get_state(), torch=torch.get_rng_state(),
+    rng = dict(gens=gens, torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     torch.save(dict(optimizer=optimizer.state_dict(), rng=rng, ema=ema.state_dict() if ema else None),
                tmp / "optimizer_rng.pt")
@@ -726,7 +827,7 @@ def load_checkpoint(out: Path, transformer, optimizer, ema, gen: torch.Generator
     optimizer.load_state_dict(saved["optimizer"])
     if ema is not None:
         ema.load_state_dict(saved["ema"])
-    gen.set_state(saved["rng"]["gen"])
+    gen.set_state(saved["rng"]["gens"][rank_and_world()[0]])
     torch.set_rng_state(saved["rng"]["torch"])
     if saved["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
@@ -900,86 +1001,13 @@ class PlainLines:
 def progress(iterable=None, every_s: float = 300, **kwargs) -> tqdm:
     """tqdm's bar on a terminal; elsewhere one plain line every every_s seconds, the first after every_s, so that a
     long epoch says where it is in a log file and a short one adds nothing to it."""
+    kwargs.setdefault("disable", rank_and_world()[0] != 0)  # under torchrun the first process speaks for all
     if is_terminal():
         return tqdm(iterable, **kwargs)
     # position=0: a nested bar would move the cursor up and down with escape codes
     kwargs.update(file=PlainLines(), mininterval=every_s, delay=every_s, position=0,
                   bar_format="{desc}: {n_fmt}/{total_fmt} {unit}, {elapsed} elapsed, {remaining} left")
     return tqdm(iterable, **kwargs)
-
-
-# ---------------- the tiny pipeline: real diffusers/transformers classes, tiny configs, no network ----------------
-
-TINY_WORDS = ("a an the of on in at and with one two three four five red green blue yellow orange purple pink "
-              "cyan white black gray brown circle circles square squares triangle triangles ball balls left "
-              "right top bottom middle center picture photo").split()
-TINY_TOKENS = 16  # prompt tokens per text encoder; captions of the tiny world are at most 8 words
-TINY_WORLD = Path(__file__).parent / "tiny_world" / "pipeline"
-
-
-def _tiny_clip_tokenizer():
-    """A byte-level BPE CLIPTokenizer whose merges spell each word of TINY_WORDS; other words fall back to letters."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz0123456789":
-        vocab.update({c: len(vocab), c + "</w>": len(vocab) + 1})
-    merges = []
-    for word in TINY_WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        for piece in pieces[1:]:
-            merges.append((pieces[0], piece))
-            pieces[0] += piece
-            vocab.setdefault(pieces[0], len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TINY_TOKENS)
-
-
-def _tiny_t5_tokenizer():
-    """A Unigram T5Tokenizer with TINY_WORDS as whole-word pieces and single characters as the fallback."""
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -5.0)]
-    pieces += [("\u2581" + w, -1.0) for w in TINY_WORDS] + [(c, -10.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=TINY_TOKENS)
-
-
-def build_tiny_pipeline(seed: int = 0, pretrained: bool = False):
-    """A StableDiffusion3Pipeline of tiny random components (64 px images, 4 x 16 x 16 latents), built offline,
-    deterministic for a seed, every component in eval mode. pretrained=True loads the tiny world instead: the
-    same components trained on captioned shapes by `python -m tiny_world.build` (the seed is then unused)."""
-    if pretrained:
-        return load_pipeline(str(TINY_WORLD))
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    tokenizer, tokenizer_3 = _tiny_clip_tokenizer(), _tiny_t5_tokenizer()
-    clip = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, projection_dim=16,
-                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=TINY_TOKENS,
-                          hidden_act="gelu", bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    t5 = T5Config(vocab_size=len(tokenizer_3), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                  feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
-        torch.manual_seed(seed)
-        components = dict(
-            # SD3.5's layout in miniature: patch 2, qk RMS norm, a dual-attention layer
-            transformer=SD3Transformer2DModel(
-                sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
-                num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=32,
-                pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm"),
-            vae=AutoencoderKL(
-                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), layers_per_block=1,
-                latent_channels=4, norm_num_groups=8, sample_size=64, use_quant_conv=False,
-                use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0),
-            text_encoder=CLIPTextModelWithProjection(clip),
-            text_encoder_2=CLIPTextModelWithProjection(clip),
-            text_encoder_3=T5EncoderModel(t5),
-        )
-    for module in components.values():
-        module.eval()  # a T5 built from a config has dropout on, and the pipeline never turns it off
-    return StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), tokenizer=tokenizer,
-                                    tokenizer_2=copy.deepcopy(tokenizer), tokenizer_3=tokenizer_3, **components)
 
 
 # =====================================================================================================
@@ -999,10 +1027,12 @@ class Batch(NamedTuple):
 
 def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor, branch_steps: list[int],
             gen: torch.Generator, timer: "Timer") -> tuple[Batch, PromptEmbeds, dict, tuple]:
-    """Sample an epoch (SPEC 3 or 7) in chunks of --rollout-prompts prompts, each decoded and scored as it
-    finishes, so that GPU memory does not grow with the epoch; the recorded transitions wait on the CPU. Then the
-    epoch's rewards become advantages (SPEC 4). Also returns up to 32 of its images, with captions, for a grid."""
-    picks = torch.randint(len(prompt_list), (args.prompts_per_epoch,), generator=gen, device=gen.device).tolist()
+    """Sample this process's share of an epoch (SPEC 3 or 7) in chunks of --rollout-prompts prompts, each decoded
+    and scored as it finishes, so that GPU memory does not grow with the epoch; the recorded transitions wait on
+    the CPU. Then the rewards become advantages (SPEC 4). Also returns up to 32 images, with captions, for a grid."""
+    world = rank_and_world()[1]
+    picks = torch.randint(len(prompt_list), (args.prompts_per_epoch // world,), generator=gen,
+                          device=gen.device).tolist()
     prompts = [prompt_list[j] for j in picks]
     device = pipe.transformer.device
     with timer("sample_s"), placed(text_encoders(pipe), device, args.offload_text_encoders):
@@ -1010,7 +1040,7 @@ def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor,
     per_prompt = args.seeds_per_prompt * (1 if args.rollout == "branch" else args.branches)
     noise_prompt = torch.arange(len(prompts)).repeat_interleave(per_prompt)  # [N]
     noise = initial_noise(pipe, len(noise_prompt), args.resolution, gen)  # [N, C, H, W]
-    images = epoch_size(args, branch_steps)["images"]
+    images = epoch_size(args, branch_steps)["images"] // world
     shown = torch.zeros(images, dtype=torch.bool)
     shown[torch.linspace(0, images - 1, min(32, images)).long()] = True  # the grid's images, spread over the epoch
     parts, before = [], 0  # before: the epoch's images sampled before this chunk
@@ -1029,24 +1059,35 @@ def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor,
     bar.close()
     out = Rollout(*map(torch.cat, zip(*(part[0] for part in parts))))  # latents: none, they are decoded
     scores = {k: torch.cat([part[1][k] for part in parts]) for k in parts[0][1]}
+    batch, metrics = trained_batch(out, scores, noise_prompt, args)
+    image_prompt = noise_prompt[out.image_noise[shown]]
+    captions = [f"{prompts[p]} | {r:.3g}" for p, r in zip(image_prompt.tolist(), scores["reward"][shown].tolist())]
+    return batch, embeds, metrics, (torch.cat([part[2] for part in parts]), captions)
+
+
+def trained_batch(out: Rollout, scores: dict, noise_prompt: Tensor, args: Args) -> tuple[Batch, dict]:
+    """Rewards -> advantages over groups (SPEC 4; under torchrun from every process's rewards, for the global std
+    and the metrics) -> the transitions that train, and the epoch's reward metrics."""
     image_prompt = noise_prompt[out.image_noise]  # [M]
     # seed groups share (prompt, initial noise, k); prompt groups share (prompt, k)
     seed = out.image_noise if args.group == "seed" else torch.zeros_like(out.image_noise)
     keys = torch.stack([image_prompt, seed, out.image_step], dim=1)
-    groups = torch.unique(keys, dim=0, return_inverse=True)[1]  # [M]
-    advantages, zero_std = group_advantages(scores["reward"], groups, args.adv_clip, args.adv_std == "global")
-    valid = torch.isfinite(scores["reward"])
-    keep = trained_images(advantages, out.image_noise, valid, zero_std, args.drop_zero_std)[out.image]  # [K]
+    groups = torch.unique(keys, dim=0, return_inverse=True)[1]  # [M], ids below M
+    rank, m = rank_and_world()[0], len(groups)
+    everyone = {k: gather(v) for k, v in scores.items()}  # [world * M], rank by rank; groups stay apart:
+    all_groups = gather(groups + rank * m)
+    advantages, zero_std = group_advantages(everyone["reward"], all_groups, args.adv_clip, args.adv_std == "global")
+    mine, valid = slice(rank * m, (rank + 1) * m), torch.isfinite(scores["reward"])
+    keep = trained_images(advantages[mine], out.image_noise, valid, zero_std[mine], args.drop_zero_std)[out.image]
     batch = Batch(out.x[keep], out.y[keep], out.log_prob[keep], out.step[keep], image_prompt[out.image][keep],
-                  advantages[out.image][keep])
-    rewards = scores["reward"][valid]
+                  advantages[mine][out.image][keep])  # [K] rows of each
+    every_valid = torch.isfinite(everyone["reward"])
+    rewards = everyone["reward"][every_valid]
     metrics = dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
-                   images=len(valid), invalid=int((~valid).sum()), transitions=len(batch.x),
-                   zero_std_frac=groups[zero_std].unique().numel() / groups.unique().numel())
-    metrics.update({f"reward_{k}": v[torch.isfinite(v)].mean().item() for k, v in scores.items() if k != "reward"})
-    captions = [f"{prompts[p]} | {r:.3g}" for p, r in zip(image_prompt[shown].tolist(),
-                                                           scores["reward"][shown].tolist())]
-    return batch, embeds, metrics, (torch.cat([part[2] for part in parts]), captions)
+                   images=len(every_valid), invalid=int((~every_valid).sum()), transitions=int(all_sum(len(batch.x))),
+                   zero_std_frac=all_groups[zero_std].unique().numel() / all_groups.unique().numel())
+    metrics.update({f"reward_{k}": v[torch.isfinite(v)].mean().item() for k, v in everyone.items() if k != "reward"})
+    return batch, metrics
 
 
 def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, captions: list[str], reward_fn,
@@ -1093,32 +1134,37 @@ def transition_loss(transformer, batch: Batch, rows: Tensor, embeds: PromptEmbed
 def update(transformer, params, optimizer, batch: Batch, embeds: PromptEmbeds, sigmas: Tensor,
            step_weight: Tensor, args: Args, gen: torch.Generator, ema=None, steps_before: int = 0) -> dict:
     """--optimizer-steps AdamW steps over a shuffled epoch, each accumulating gradients over micro-batches of at
-    most --train-batch latents, so that its loss is the mean over its transitions. A step whose loss or gradient is
-    not finite is skipped, counted and warned about: it never reaches the weights. After each step the EMA, if
-    any, sees the run's optimizer step count (steps_before before this epoch)."""
+    most --train-batch latents, so that its loss is the mean over its transitions: over every process's, under
+    torchrun, however unevenly the zero-advantage rule left them. A step whose loss or gradient is not finite is
+    skipped, counted and warned about: it never reaches the weights. After each step the EMA, if any, sees the
+    run's optimizer step count (steps_before before this epoch). Returns the epoch's mean statistics."""
     per_call = max(1, args.train_batch // cfg_copies(args.guidance))
     order = torch.randperm(len(batch.x), generator=gen, device=gen.device).to(batch.x.device)
     totals = dict(skipped_updates=0)
     bar = progress(total=len(order), desc="train", unit="transition", leave=False)
     for n, part in enumerate(order.tensor_split(args.optimizer_steps), start=steps_before + 1):
-        if not len(part):
+        count = all_sum(len(part))  # the step's transitions, over every process
+        if not count:
             ema_update(ema, params, n)
             continue  # every trunk of the epoch had equal rewards: nothing to learn from
         finite = True
-        for rows in part.split(per_call):
+        for rows in part.split(per_call) if len(part) else ():  # (an empty part splits into one empty piece)
             loss, stats = transition_loss(transformer, batch, rows, embeds, sigmas, step_weight, args)
             finite = finite and bool(torch.isfinite(loss))
             if finite:
-                (loss * len(rows) / len(part)).backward()
+                (loss * len(rows) / count).backward()
             for key, value in dict(stats, loss=loss.detach()).items():
                 totals[key] = totals.get(key, 0.0) + value.item() * len(rows) / len(order)
             bar.update(len(rows))
+        finite = all_sum(not finite) == 0  # one process's NaN skips the step for all
+        sum_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         if finite and torch.isfinite(grad_norm):
             optimizer.step()
         else:
             totals["skipped_updates"] += 1
-            tqdm.write(f"warning: skipped an update with a non-finite {'loss' if not finite else 'gradient'}")
+            if rank_and_world()[0] == 0:
+                tqdm.write(f"warning: skipped an update with a non-finite {'loss' if not finite else 'gradient'}")
         optimizer.zero_grad(set_to_none=True)
         ema_update(ema, params, n)
         totals["grad_norm"] = grad_norm.item()
@@ -1160,29 +1206,29 @@ def epoch_size(args: Args, branch_steps: list[int]) -> dict:
 
 
 def train(args: Args) -> list[dict]:
-    """The whole run, resumable; returns the metrics rows of the epochs it ran."""
+    """The whole run, resumable; returns the metrics rows of the epochs it ran. Under torchrun every process runs
+    it on its share of each epoch's prompts, and the first writes everything."""
     prompt_list = read_prompts(args.prompt_file)
     eval_prompts = read_prompts(args.eval_prompt_file, "--eval-prompt-file") if args.eval_prompt_file else []
-    out, device = prepare_out(args), torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tracker = open_tracker(args.wandb, asdict(args), out, args.resume) if args.wandb else None
+    device = init_distributed()
+    (rank, world), out = rank_and_world(), prepare_out(args)
+    tracker = open_tracker(args.wandb, asdict(args), out, args.resume) if args.wandb and rank == 0 else None
     reward_fn = load_reward(args.reward, "cpu" if args.offload_reward else device,
                             dtype=getattr(torch, args.reward_dtype))
     pipe, params, optimizer, ema = setup(args, device)
     sigmas = sigma_grid(pipe.scheduler, args.steps).to(device)
     branch_steps = parse_branch_steps(args.branch_steps, args.steps)
-    size = epoch_size(args, branch_steps)
-    tqdm.write(f"epoch: {args.prompts_per_epoch} prompts x {size['trunks'] // args.prompts_per_epoch} noises, "
-               f"{size['images']:,} images, {size['transitions']:,} transitions ({size['per_step']:,} per optimizer "
-               f"step), {size['rollout_nfe'] + size['train_nfe']:,} transformer evaluations (rollout "
-               f"{size['rollout_nfe']:,}, training {size['train_nfe']:,})")
+    describe_epoch(args, branch_steps, world)
     step_weight = torch.ones(args.steps)  # w_k by grid index k
     if args.weighting == "noise":
         step_weight[branch_steps] = noise_aware_weights(sigmas.cpu(), args.noise_level, branch_steps)
-    gen = torch.Generator(device).manual_seed(args.seed)
+    gen = torch.Generator(device).manual_seed(args.seed + rank)  # each process its own prompts and noise
     state = load_checkpoint(out, pipe.transformer, optimizer, ema, gen) if args.resume else None
     state = state or dict(epoch=0, metrics_rows=0, nfe=0, wall_s=0.0)
-    keep_metrics_rows(out / "metrics.jsonl", state["metrics_rows"])  # drop rows of epochs after the checkpoint
-    cost, stop, rows, base = Cost(pipe.transformer, state["nfe"], state["wall_s"]), StopOnSignal(), [], {}
+    if rank == 0:
+        keep_metrics_rows(out / "metrics.jsonl", state["metrics_rows"])  # drop rows of epochs after the checkpoint
+    # the NFE of every process add up to the run's: the first carries the count so far
+    cost, stop, rows, base = Cost(pipe.transformer, state["nfe"] * (rank == 0), state["wall_s"]), StopOnSignal(), [], {}
     if eval_prompts and state["epoch"] == 0:  # the base model, for the first row
         with cost.paused(), ema_weights(ema, params):
             scores = evaluate(pipe, eval_prompts, reward_fn, args, out / "images" / "eval_base.png")
@@ -1197,10 +1243,12 @@ def train(args: Args) -> list[dict]:
                                                       timer)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", refresh=False)
             with timer("train_s"):
-                metrics.update(update(pipe.transformer, params, optimizer, batch, embeds, sigmas, step_weight, args,
-                                      gen, ema, epoch * args.optimizer_steps))
-            last = epoch + 1 == args.epochs or 0 < args.max_nfe <= cost.nfe
-            if eval_prompts and ((epoch + 1) % args.eval_every == 0 or last):
+                metrics.update(mean_over_processes(update(pipe.transformer, params, optimizer, batch, embeds, sigmas,
+                                                          step_weight, args, gen, ema, epoch * args.optimizer_steps),
+                                                   len(batch.x)))
+            nfe = int(all_sum(cost.nfe))
+            last = epoch + 1 == args.epochs or 0 < args.max_nfe <= nfe
+            if eval_prompts and ((epoch + 1) % args.eval_every == 0 or last):  # every process: none waits
                 with timer("eval_s"), cost.paused(), ema_weights(ema, params):
                     grid = out / "images" / f"eval_{epoch:06d}.png"
                     metrics.update(evaluate(pipe, eval_prompts, reward_fn, args, grid))
@@ -1208,21 +1256,36 @@ def train(args: Args) -> list[dict]:
             raise SystemExit(f"error: CUDA out of memory in epoch {epoch}: lower --max-batch (now {args.max_batch}) "
                              f"or --train-batch (now {args.train_batch}), or add --gradient-checkpointing, "
                              f"--offload-text-encoders, --offload-reward") from None
-        metrics.update(timer.metrics())
-        rows.append(dict(epoch=epoch, **metrics, **(base if epoch == 0 else {}), nfe=cost.nfe, wall_s=cost.wall_s()))
-        publish(out, rows[-1], samples, args, tracker, last)
-        if (epoch + 1) % args.save_every == 0 or last or stop.signum:
-            save_checkpoint(out, pipe.transformer, optimizer, ema, gen, dict(
-                epoch=epoch + 1, metrics_rows=state["metrics_rows"] + len(rows), nfe=cost.nfe, wall_s=cost.wall_s()))
-        if stop.signum:
-            raise SystemExit(128 + stop.signum)
+        rows.append(dict(epoch=epoch, **metrics, **timer.metrics(), **(base if epoch == 0 else {}), nfe=nfe,
+                         wall_s=cost.wall_s()))
+        if rank == 0:
+            publish(out, rows[-1], samples, args, tracker, last)
+        stopping = all_sum(bool(stop.signum)) > 0  # a signal to any process stops all after this epoch
+        if (epoch + 1) % args.save_every == 0 or last or stopping:
+            save_checkpoint(out, pipe.transformer, params, optimizer, ema, gen, dict(
+                epoch=epoch + 1, metrics_rows=state["metrics_rows"] + len(rows), nfe=nfe, wall_s=cost.wall_s(),
+                processes=world))
+        if stopping:
+            raise SystemExit(128 + (stop.signum or signal.SIGTERM))
         if last:
             break
-    with ema_weights(ema, params):
-        save_lora(pipe, out / "lora")
+    if rank == 0:
+        with ema_weights(ema, params):
+            save_lora(pipe, out / "lora")
     if tracker:
         tracker.finish()
     return rows
+
+
+def describe_epoch(args: Args, branch_steps: list[int], world: int):
+    """The derived sizes of an epoch, printed once (by the first process)."""
+    size = epoch_size(args, branch_steps)
+    if rank_and_world()[0] == 0:
+        tqdm.write(f"epoch: {args.prompts_per_epoch} prompts x {size['trunks'] // args.prompts_per_epoch} noises"
+                   f"{f' over {world} processes' if world > 1 else ''}, {size['images']:,} images, "
+                   f"{size['transitions']:,} transitions ({size['per_step']:,} per optimizer step), "
+                   f"{size['rollout_nfe'] + size['train_nfe']:,} transformer evaluations (rollout "
+                   f"{size['rollout_nfe']:,}, training {size['train_nfe']:,})")
 
 
 def keep_metrics_rows(path: Path, n: int):
@@ -1267,6 +1330,7 @@ def log(row: dict, path: Path):
 # Entry point: the command line is Args' fields
 # =====================================================================================================
 
+TINY_WORLD = Path(__file__).parent / "tiny_world" / "pipeline"  # the tiny world's trained pipeline
 METHODS = {"tempflow": dict(rollout="branch", weighting="noise", group="seed", adv_std="group"),
            "flow_grpo": dict(rollout="sde", weighting="uniform", group="prompt", adv_std="global")}
 TINY = dict(  # --tiny: the same loop on a CPU; README.md gives the measurements behind each departure
@@ -1275,8 +1339,8 @@ TINY = dict(  # --tiny: the same loop on a CPU; README.md gives the measurements
     beta=0.004,                      # SPEC 6's value for GenEval-style rewards
     lr=1e-3, clip_range=0.02,        # at 3e-4 and 1e-4 the tiny model does not move; at lr 3e-3 it collapses
     branches=4, seeds_per_prompt=2,  # G = 6, S = 4 cost 3x the time for about the same gain per epoch
-    prompts_per_epoch=2, epochs=60,  # 48 prompts would make an epoch 24x longer
-    drop_zero_std=True)              # +0.06 eval reward at 40 epochs (mean of 2 seeds) over the official rule
+    prompts_per_epoch=4, epochs=40,  # 2 prompts learn less per NFE, and not from every seed; 48: an epoch 12x longer
+    drop_zero_std=True)              # the official rule learns less here (README.md's measurements)
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -1335,6 +1399,9 @@ def finalize(args: Args) -> Args:
     for flag in ("epochs", "prompts_per_epoch", "seeds_per_prompt", "lora_rank", "optimizer_steps", "save_every",
                  "eval_every", "eval_steps", "image_every", "rollout_prompts"):
         check(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; the process group comes later, with the model
+    check(args.prompts_per_epoch % world == 0, f"--prompts-per-epoch {args.prompts_per_epoch} does not split into "
+          f"whole prompts over {world} processes; choose a multiple of {world}")
     for flag in ("max_batch", "train_batch"):
         check(getattr(args, flag) >= 2, f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 2 "
               f"(CFG's two halves)")
@@ -1363,7 +1430,11 @@ def resolution_factor(model: str) -> int:
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
-    train(args)
+    try:
+        train(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tempflow_grpo as tg  # noqa: E402
+import tiny_world  # noqa: E402
 from bench import sd35m  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def setup(arch: str, resolution: int, n: int, reduced: bool = False):
         embeds = tg.PromptEmbeds(*(t.to(device, dtype) for t in embeds))
         scheduler, side, channels = FlowMatchEulerDiscreteScheduler(shift=3.0), resolution // 8, 16
     else:
-        pipe = tg.build_tiny_pipeline(pretrained=tg.TINY_WORLD.exists()).to(device)
+        pipe = tiny_world.build_tiny_pipeline(pretrained=tiny_world.TINY_WORLD.exists()).to(device)
         transformer, embeds = pipe.transformer, tg.encode_prompts(pipe, ["two red circles"])
         scheduler, side, channels = pipe.scheduler, resolution // pipe.vae_scale_factor, 4
     noise = torch.randn(n, channels, side, side, generator=torch.Generator().manual_seed(0)).to(device)

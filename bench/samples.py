@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tempflow_grpo as tg  # noqa: E402
+import tiny_world  # noqa: E402
 from reward import geneval_toy  # noqa: E402
 
 PROMPTS = ["a blue square on the top", "a green circle on the right", "a red square on the left",
@@ -29,7 +30,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tiny_samples.png")
     args = parser.parse_args()
-    pipe = tg.build_tiny_pipeline(pretrained=True)
+    pipe = tiny_world.build_tiny_pipeline(pretrained=True)
     noise = tg.initial_noise(pipe, len(PROMPTS), 64, torch.Generator().manual_seed(args.seed))
     base = tg.ode_images(pipe, PROMPTS, noise, args.steps, 4.5)
     pipe.load_lora_weights(args.run / "lora")

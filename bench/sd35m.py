@@ -20,7 +20,7 @@ What is real and what is not:
   - every config below is the released one (checked against copies of the published configs; SPEC 9 agrees on
     every value, but its "about 4.7B" for the text encoders is T5-XXL's alone), except the special-token ids,
     which are those of the tokenizers;
-  - the tokenizers are the project's tiny-vocabulary ones (tempflow_grpo.TINY_WORDS) at the real lengths, 77 CLIP
+  - the tokenizers are the project's tiny-vocabulary ones (tiny_world.TINY_WORDS) at the real lengths, 77 CLIP
     and 128 T5 tokens (the official code's max_sequence_length), while the text encoders keep their real vocabulary
     sizes, so that their embedding tables weigh what the real ones weigh;
   - the reward model is stored in float32, as PickScore_v1 is, so that loading it reads what the real one reads
@@ -51,6 +51,7 @@ from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tempflow_grpo as tg  # noqa: E402
+import tiny_world  # noqa: E402
 
 # =====================================================================================================
 # The configs: SD3.5-medium's five models and PickScore's CLIP-H, then the same layouts in miniature
@@ -149,7 +150,7 @@ def frozen(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Modu
 
 def sd35m_tokenizers() -> dict:
     """The project's tiny-vocabulary tokenizers at SD3.5's lengths: 77 tokens for both CLIPs, 128 for T5."""
-    clip, t5 = tg._tiny_clip_tokenizer(), tg._tiny_t5_tokenizer()
+    clip, t5 = tiny_world._tiny_clip_tokenizer(), tiny_world._tiny_t5_tokenizer()
     clip.model_max_length, t5.model_max_length = CLIP_TOKENS, T5_TOKENS
     return dict(tokenizer=clip, tokenizer_2=copy.deepcopy(clip), tokenizer_3=t5)
 
@@ -185,7 +186,7 @@ def save_sd35m(folder, reduced: bool = False, device="cpu", dtype: torch.dtype =
 def pickscore_processor() -> CLIPProcessor:
     """PickScore's preprocessing (CLIP's 224 px resize, centre crop and normalisation) and the tiny CLIP tokenizer
     at CLIP's 77 tokens."""
-    tokenizer = tg._tiny_clip_tokenizer()
+    tokenizer = tiny_world._tiny_clip_tokenizer()
     tokenizer.model_max_length = CLIP_TOKENS
     images = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     return CLIPProcessor(image_processor=images, tokenizer=tokenizer)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import tempflow_grpo as tg
+import tiny_world
 from reward import BACKGROUND, COLORS, POSITIONS, SHAPES, WORLD_COLORS, geneval_checks
 
 SIZE = 64
@@ -165,7 +166,7 @@ def evaluate(pipe, seeds: int, steps: int = 10, guidance: float = 4.5) -> dict:
 
 def build(out: Path, seed: int, images: int, vae_steps: int, steps: int, batch: int, lr: float, eval_seeds: int):
     start = time.time()
-    pipe = tg.build_tiny_pipeline(seed)
+    pipe = tiny_world.build_tiny_pipeline(seed)
     gen = torch.Generator().manual_seed(seed)
     data, captions = make_dataset(images, seed)
     train_vae(pipe.vae, data, vae_steps, batch=32, lr=1e-3, gen=gen)
