@@ -776,6 +776,8 @@ def prepare_out(args: Args) -> Path:
         if not args.resume:
             raise SystemExit(f"error: --out {args.out} already holds this run; pass --resume to continue it or "
                              f"choose another --out")
+    if dist.is_initialized():
+        dist.barrier()  # every process has checked the folder before the first writes into it
     if rank_and_world()[0] == 0:
         out.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(config, indent=1))

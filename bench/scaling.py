@@ -11,6 +11,7 @@ left out) of one process over that of N: ideally N.
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,7 @@ def run(processes: int, flags: list[str], out: Path) -> float:
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    subprocess.run([*launcher, str(ROOT / "tempflow_grpo.py"), *flags, "--out", str(out)], check=True, env=env,
+    subprocess.run([*launcher, "tempflow_grpo.py", *flags, "--out", str(out)], check=True, env=env, cwd=ROOT,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return epoch_seconds(out)
 
@@ -44,8 +45,7 @@ def main():
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scaling.md")
     parser.add_argument("flags", nargs="*", help="tempflow_grpo.py's flags (default: the tiny world, no evaluation)")
     args = parser.parse_args()
-    flags = args.flags or ["--tiny", "--prompt-file", str(ROOT / "tiny_world" / "prompts.txt"), "--eval-prompt-file",
-                           ""]
+    flags = args.flags or ["--tiny", "--prompt-file", "tiny_world/prompts.txt", "--eval-prompt-file", ""]
     flags += ["--epochs", str(args.epochs), "--prompts-per-epoch", str(args.prompts_per_epoch)]
     with tempfile.TemporaryDirectory() as scratch:
         seconds = {n: run(n, flags, Path(scratch) / f"p{n}") for n in (1, args.processes)}
@@ -54,8 +54,8 @@ def main():
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU, one thread per process"
     ratio = seconds[1] / seconds[args.processes]
     lines = [f"# Scaling: 1 and {args.processes} processes, the same global batch", "",
-             f"Measured by `python bench/scaling.py {' '.join(sys.argv[1:])}`".rstrip() + f" on {device}, torch "
-             f"{torch.__version__}: `{' '.join(flags)}`.", "",
+             f"Measured by `{shlex.join(['python', 'bench/scaling.py', *sys.argv[1:]])}` on {device}, torch "
+             f"{torch.__version__}: `tempflow_grpo.py {shlex.join(flags)}`.", "",
              "| processes | seconds per epoch (median after the first) |", "| --- | --- |",
              *[f"| {n} | {s:.2f} |" for n, s in seconds.items()], "",
              f"- speed-up with {args.processes} processes: **{ratio:.2f}x** (ideal {args.processes}x)"]
