@@ -867,7 +867,9 @@ def evaluate(pipe, prompts: list[str], reward_fn, args: Args, grid: Path, shown:
             scores.append(reward_fn(chunk, prompts[j:j + per_call]))
             images.append(chunk[:max(0, shown - j)].cpu())
     scores = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
-    save_grid(torch.cat(images), [f"{p} | {r:.3g}" for p, r in zip(prompts, scores["reward"][:shown].tolist())], grid)
+    if rank_and_world()[0] == 0:  # under torchrun every process evaluates the same weights; the first writes
+        save_grid(torch.cat(images), [f"{p} | {r:.3g}" for p, r in zip(prompts, scores["reward"][:shown].tolist())],
+                  grid)
     return {f"eval_{k}": v[torch.isfinite(v)].mean().item() for k, v in scores.items()}
 
 

@@ -903,12 +903,15 @@ def torchrun(argv: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_torchrun_two_processes_resume_exactly_and_the_first_writes(random_model, prompt_file, tmp_path):
-    """torchrun --nproc_per_node 2 --tiny: 2 epochs, then --resume to 4, equals 4 straight (LoRA and metrics); the
-    first process writes one metrics row per epoch; resuming with another number of processes is refused."""
+    """torchrun --nproc_per_node 2 --tiny: 2 epochs, then --resume to 4, equals 4 straight (LoRA, metrics and
+    evaluations); the first process writes one metrics row per epoch; resuming with another number of processes
+    is refused."""
     def argv(out, epochs, *extra):
         args = sys_argv_of(random_model, prompt_file, out)
         args[args.index("--epochs") + 1], args[args.index("--save-every") + 1] = str(epochs), "1"
-        return [*args, "--prompts-per-epoch", "2", "--lr", "3e-2", "--clip-range", "0.2", *extra]
+        args[args.index("--eval-prompt-file") + 1] = prompt_file
+        return [*args, "--prompts-per-epoch", "2", "--lr", "3e-2", "--clip-range", "0.2", "--eval-every", "2",
+                "--eval-steps", "3", *extra]
     for out, epochs, extra in ((tmp_path / "a", 4, []), (tmp_path / "b", 2, []), (tmp_path / "b", 4, ["--resume"])):
         done = torchrun(argv(out, epochs, *extra))
         assert done.returncode == 0, done.stderr[-2000:]
@@ -917,6 +920,8 @@ def test_torchrun_two_processes_resume_exactly_and_the_first_writes(random_model
     rows = [(tmp_path / out / "metrics.jsonl").read_text().splitlines() for out in "ab"]
     assert len(rows[0]) == 4 and [json.loads(r)["reward_mean"] for r in rows[0]] == [
         json.loads(r)["reward_mean"] for r in rows[1]]
+    assert [json.loads(r).get("eval_reward") for r in rows[0]] == [json.loads(r).get("eval_reward") for r in rows[1]]
+    assert len(list((tmp_path / "a" / "images").glob("eval_*.png"))) == 3  # base, after epochs 2 and 4
     with pytest.raises(SystemExit, match="2 process"):
         tg.train(tg.parse_args(argv(tmp_path / "b", 5, "--resume")))
 
