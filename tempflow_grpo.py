@@ -825,10 +825,12 @@ def load_checkpoint(out: Path, transformer, optimizer, ema, gen: torch.Generator
     if not done:
         return None
     set_peft_model_state_dict(transformer, load_file(done[-1] / "lora.safetensors"))
-    saved = torch.load(done[-1] / "optimizer_rng.pt", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    # on the CPU first: the first process saved it from its GPU, and the generator states must stay CPU tensors
+    saved = torch.load(done[-1] / "optimizer_rng.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])  # (moves its state to each parameter's device)
     if ema is not None:
         ema.load_state_dict(saved["ema"])
+        ema.to(transformer.device)
     gen.set_state(saved["rng"]["gens"][rank_and_world()[0]])
     torch.set_rng_state(saved["rng"]["torch"])
     if saved["rng"]["cuda"]:

@@ -861,6 +861,18 @@ def one_sgd_step(pipe, params, batch, sigmas, embeds, rows):
     return [p.detach().clone() for p in params]
 
 
+def test_gradient_checkpointing_changes_memory_not_the_update():
+    """One update with --gradient-checkpointing equals one without (the frozen base's inputs need no gradient, yet
+    the LoRA's gradients flow through the recomputed blocks)."""
+    plain = one_sgd_step(*one_step_world(), rows=torch.arange(12))
+    pipe, params, batch, sigmas, embeds = one_step_world()
+    pipe.transformer.enable_gradient_checkpointing()
+    checkpointed = one_sgd_step(pipe, params, batch, sigmas, embeds, torch.arange(12))
+    before = one_step_world()[1]
+    assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-5) for a, b in zip(plain, checkpointed))
+    assert any(not torch.equal(a, b) for a, b in zip(checkpointed, before))  # the update is not empty
+
+
 def one_step_on_two_processes(rank, store, splits, folder):
     """A process of the test below: one SGD step on its rows of the batch, for each split; its weights to a file."""
     import torch.distributed as dist
