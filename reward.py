@@ -213,8 +213,9 @@ BUILDERS = {  # name -> (device, dtype) -> RewardFn; each is built once per run
 }
 
 
-def parse_spec(spec: str) -> list[tuple[str, float]]:
-    """`a:1,b:0.5,file.py:fn` -> [(name, weight)]; checks every name before anything is built."""
+def parse_spec(spec: str, flag: str = "--reward") -> list[tuple[str, float]]:
+    """`a:1,b:0.5,file.py:fn` -> [(name, weight)]; checks every name before anything is built, naming `flag` in
+    its errors."""
     parts = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, weight = part, 1.0
@@ -224,13 +225,13 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
         if ".py:" in name:
             path = Path(name.rpartition(":")[0])
             if not path.is_file():
-                raise SystemExit(f"error: --reward {part!r}: no file {str(path)!r}")
+                raise SystemExit(f"error: {flag} {part!r}: no file {str(path)!r}")
         elif name not in BUILDERS:
-            raise SystemExit(f"error: --reward: unknown reward {name!r}; known: {', '.join(BUILDERS)}, "
+            raise SystemExit(f"error: {flag}: unknown reward {name!r}; known: {', '.join(BUILDERS)}, "
                              f"or path/to/file.py:function")
         parts.append((name, weight))
     if not parts:
-        raise SystemExit("error: --reward is empty; give e.g. pickscore or geneval_toy")
+        raise SystemExit(f"error: {flag} is empty; give e.g. pickscore or geneval_toy")
     return parts
 
 

@@ -177,6 +177,9 @@ class Args:
     """epochs between checkpoints in --out/checkpoints (also written on SIGINT/SIGTERM and at the end)"""
     eval_prompt_file: str = ""
     """evaluation prompts, one image each from fixed noise with the ODE; empty: no evaluation"""
+    eval_reward: str = ""
+    """reward spec of evaluation, when it should differ from training's (reward hacking shows as a gap); empty:
+    --reward"""
     eval_every: int = 10
     """epochs between evaluations (and after the last epoch)"""
     eval_steps: int = 40
@@ -752,7 +755,7 @@ def check_in_sync(params: list[torch.nn.Parameter]):
 
 # settings a resumed run may change: none of them alters the trajectory of training
 RESUMABLE = {"epochs", "resume", "save_every", "eval_every", "image_every", "eval_prompt_file", "eval_steps",
-             "max_nfe", "wandb"}
+             "max_nfe", "wandb", "eval_reward"}
 
 
 def prepare_out(args: Args) -> Path:
@@ -1219,8 +1222,10 @@ def train(args: Args) -> list[dict]:
     device = init_distributed()
     (rank, world), out = rank_and_world(), prepare_out(args)
     tracker = open_tracker(args.wandb, asdict(args), out, args.resume) if args.wandb and rank == 0 else None
-    reward_fn = load_reward(args.reward, "cpu" if args.offload_reward else device,
-                            dtype=getattr(torch, args.reward_dtype))
+    reward_fn, eval_fn = (load_reward(spec, "cpu" if args.offload_reward else device,
+                                      dtype=getattr(torch, args.reward_dtype)) if spec else None
+                          for spec in (args.reward, args.eval_reward))
+    eval_fn = eval_fn or reward_fn
     pipe, params, optimizer, ema = setup(args, device)
     sigmas = sigma_grid(pipe.scheduler, args.steps).to(device)
     branch_steps = parse_branch_steps(args.branch_steps, args.steps)
@@ -1237,7 +1242,7 @@ def train(args: Args) -> list[dict]:
     cost, stop, rows, base = Cost(pipe.transformer, state["nfe"] * (rank == 0), state["wall_s"]), StopOnSignal(), [], {}
     if eval_prompts and state["epoch"] == 0:  # the base model, for the first row
         with cost.paused(), ema_weights(ema, params):
-            scores = evaluate(pipe, eval_prompts, reward_fn, args, out / "images" / "eval_base.png")
+            scores = evaluate(pipe, eval_prompts, eval_fn, args, out / "images" / "eval_base.png")
         base = {"base_" + k: v for k, v in scores.items()}
     done = 0 < args.max_nfe <= state["nfe"]  # a resumed run that had already spent its --max-nfe
     bar = progress(range(state["epoch"], args.epochs if not done else state["epoch"]), desc="epochs", unit="epoch",
@@ -1257,7 +1262,7 @@ def train(args: Args) -> list[dict]:
             if eval_prompts and ((epoch + 1) % args.eval_every == 0 or last):  # every process: none waits
                 with timer("eval_s"), cost.paused(), ema_weights(ema, params):
                     grid = out / "images" / f"eval_{epoch:06d}.png"
-                    metrics.update(evaluate(pipe, eval_prompts, reward_fn, args, grid))
+                    metrics.update(evaluate(pipe, eval_prompts, eval_fn, args, grid))
         except torch.cuda.OutOfMemoryError:
             raise SystemExit(f"error: CUDA out of memory in epoch {epoch}: lower --max-batch (now {args.max_batch}) "
                              f"or --train-batch (now {args.train_batch}), or add --gradient-checkpointing, "
@@ -1416,6 +1421,8 @@ def finalize(args: Args) -> Args:
     check(args.lr > 0 and args.clip_range > 0 and args.beta >= 0, "--lr and --clip-range must be positive, --beta "
           "not negative")
     parse_spec(args.reward)
+    if args.eval_reward:
+        parse_spec(args.eval_reward, "--eval-reward")
     return args
 
 

@@ -695,6 +695,15 @@ def test_run_writes_config_metrics_evaluations_images_and_lora(random_model, pro
     assert Image.open(tmp_path / "curves.png").size == (1200, 600)
 
 
+def test_evaluation_can_score_with_another_reward_than_training(random_model, prompt_file, tmp_path):
+    """--eval-reward: training rewards with --reward, evaluation with the other spec (so that reward hacking shows as
+    a gap between the two)."""
+    rows = tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "1", "--eval-prompt-file",
+                               prompt_file, "--eval-steps", "3", "--eval-reward", "geneval_toy"))
+    assert "reward_color" in rows[0] and "reward_geneval_toy" not in rows[0]
+    assert "eval_geneval_toy" in rows[0] and "eval_color" not in rows[0] and "base_eval_geneval_toy" in rows[0]
+
+
 def test_a_log_written_to_a_file_is_one_line_per_epoch(random_model, prompt_file, tmp_path):
     """`python tempflow_grpo.py ... > train.log 2>&1`: the epoch's size once, then one fixed-format line per epoch;
     no progress-bar redraw."""
@@ -825,6 +834,7 @@ def test_cuda_out_of_memory_names_the_flags_that_fix_it(random_model, prompt_fil
     (["--method", "ppo"], b"a", "--method"),
     (["--rollout", "sde", "--group", "seed"], b"a", "--group"),
     (["--reward", "aesthetic"], b"a", "--reward"),
+    (["--eval-reward", "aesthetic"], b"a", "--eval-reward"),
 ])
 def test_bad_input_fails_with_one_line_naming_the_flag(tmp_path, monkeypatch, flags, content, flag):
     """Each bad input exits with one line that names its flag, before any model is loaded."""
