@@ -758,13 +758,19 @@ RESUMABLE = {"epochs", "resume", "save_every", "eval_every", "image_every", "eva
              "max_nfe", "wandb", "eval_reward"}
 
 
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint folder (an interrupted one, still .tmp, does not count), if any."""
+    done = sorted(p for p in (out / "checkpoints").glob("epoch_*") if p.suffix != ".tmp")
+    return done[-1] if done else None
+
+
 def prepare_out(args: Args) -> Path:
     """Refuse an --out that holds another run, this run without --resume, or a resume by another number of
     processes; then the first process writes config.json."""
     out, config = Path(args.out), asdict(args)
     saved = out / "config.json"
-    done = sorted(p for p in (out / "checkpoints").glob("epoch_*") if p.suffix != ".tmp")
-    processes = json.loads((done[-1] / "state.json").read_text()).get("processes", 1) if done else None
+    last = last_checkpoint(out)
+    processes = json.loads((last / "state.json").read_text()).get("processes", 1) if last else None
     world = rank_and_world()[1]
     if args.resume and processes not in (None, world):
         raise SystemExit(f"error: --resume: the run in --out {args.out} ran as {processes} process(es), this is "
@@ -819,17 +825,17 @@ def save_checkpoint(out: Path, transformer, params, optimizer, ema, gen: torch.G
 
 
 def load_checkpoint(out: Path, transformer, optimizer, ema, gen: torch.Generator) -> dict | None:
-    """Restore the last complete checkpoint (an interrupted one, still .tmp, is ignored); None if there is none.
-    A checkpoint is data, never code: it loads with weights_only."""
+    """Restore the last complete checkpoint; None if there is none. A checkpoint is data, never code: it loads
+    with weights_only."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    done = sorted(p for p in (out / "checkpoints").glob("epoch_*") if p.suffix != ".tmp")
-    if not done:
+    last = last_checkpoint(out)
+    if last is None:
         return None
-    set_peft_model_state_dict(transformer, load_file(done[-1] / "lora.safetensors"))
+    set_peft_model_state_dict(transformer, load_file(last / "lora.safetensors"))
     # on the CPU first: the first process saved it from its GPU, and the generator states must stay CPU tensors
-    saved = torch.load(done[-1] / "optimizer_rng.pt", map_location="cpu", weights_only=True)
+    saved = torch.load(last / "optimizer_rng.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])  # (moves its state to each parameter's device)
     if ema is not None:
         ema.load_state_dict(saved["ema"])
@@ -838,7 +844,7 @@ def load_checkpoint(out: Path, transformer, optimizer, ema, gen: torch.Generator
     torch.set_rng_state(saved["rng"]["torch"])
     if saved["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    return json.loads((done[-1] / "state.json").read_text())
+    return json.loads((last / "state.json").read_text())
 
 
 class StopOnSignal:
@@ -1222,17 +1228,14 @@ def train(args: Args) -> list[dict]:
     device = init_distributed()
     (rank, world), out = rank_and_world(), prepare_out(args)
     tracker = open_tracker(args.wandb, asdict(args), out, args.resume) if args.wandb and rank == 0 else None
-    reward_fn, eval_fn = (load_reward(spec, "cpu" if args.offload_reward else device,
-                                      dtype=getattr(torch, args.reward_dtype)) if spec else None
-                          for spec in (args.reward, args.eval_reward))
-    eval_fn = eval_fn or reward_fn
+    place, dtype = "cpu" if args.offload_reward else device, getattr(torch, args.reward_dtype)
+    reward_fn = load_reward(args.reward, place, dtype=dtype)
+    eval_fn = load_reward(args.eval_reward, place, dtype=dtype) if args.eval_reward else reward_fn
     pipe, params, optimizer, ema = setup(args, device)
     sigmas = sigma_grid(pipe.scheduler, args.steps).to(device)
     branch_steps = parse_branch_steps(args.branch_steps, args.steps)
     describe_epoch(args, branch_steps, world)
-    step_weight = torch.ones(args.steps)  # w_k by grid index k
-    if args.weighting == "noise":
-        step_weight[branch_steps] = noise_aware_weights(sigmas.cpu(), args.noise_level, branch_steps)
+    step_weight = step_weights(args, sigmas, branch_steps)
     gen = torch.Generator(device).manual_seed(args.seed + rank)  # each process its own prompts and noise
     state = load_checkpoint(out, pipe.transformer, optimizer, ema, gen) if args.resume else None
     state = state or dict(epoch=0, metrics_rows=0, nfe=0, wall_s=0.0)
@@ -1286,6 +1289,14 @@ def train(args: Args) -> list[dict]:
     if tracker:
         tracker.finish()
     return rows
+
+
+def step_weights(args: Args, sigmas: Tensor, branch_steps: list[int]) -> Tensor:
+    """w_k by grid index k [T]: noise_aware_weights at the trained steps with --weighting noise, else 1."""
+    step_weight = torch.ones(args.steps)
+    if args.weighting == "noise":
+        step_weight[branch_steps] = noise_aware_weights(sigmas.cpu(), args.noise_level, branch_steps)
+    return step_weight
 
 
 def describe_epoch(args: Args, branch_steps: list[int], world: int):

@@ -40,7 +40,7 @@ def setup(arch: str, resolution: int, n: int, reduced: bool = False):
         config = sd35m.configs(reduced)["transformer"]
         with sd35m.building_on(device, dtype):
             transformer = SD3Transformer2DModel(**config).eval().requires_grad_(False)
-        tokens, width, pooled = sd35m.CLIP_TOKENS + sd35m.T5_TOKENS, config["joint_attention_dim"], \
+        tokens, width, pooled = sd35m.CLIP_TOKENS + tg.T5_TOKENS, config["joint_attention_dim"], \
             config["pooled_projection_dim"]
         embeds = tg.PromptEmbeds(torch.randn(1, tokens, width), torch.randn(1, pooled), torch.randn(1, tokens, width),
                                  torch.randn(1, pooled))

@@ -79,7 +79,7 @@ CLIP_H = dict(  # PickScore_v1: CLIP ViT-H/14 (laion/CLIP-ViT-H-14-laion2B-s32B-
     vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
                        patch_size=14, image_size=224, hidden_act="gelu"))
 
-CLIP_TOKENS, T5_TOKENS = 77, 128  # CLIP's positions; the official TempFlow/Flow-GRPO code's T5 length
+CLIP_TOKENS = 77  # CLIP's positions; the T5 length is tempflow_grpo's (the official code's 128)
 # The tiny tokenizers' special ids (tempflow_grpo._tiny_*_tokenizer). CLIP pools at the first eos: with the real
 # configs' eos id 2, transformers would pool at the argmax token id instead, which only fits the real vocabulary.
 CLIP_IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
@@ -151,7 +151,7 @@ def frozen(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Modu
 def sd35m_tokenizers() -> dict:
     """The project's tiny-vocabulary tokenizers at SD3.5's lengths: 77 tokens for both CLIPs, 128 for T5."""
     clip, t5 = tiny_world._tiny_clip_tokenizer(), tiny_world._tiny_t5_tokenizer()
-    clip.model_max_length, t5.model_max_length = CLIP_TOKENS, T5_TOKENS
+    clip.model_max_length, t5.model_max_length = CLIP_TOKENS, tg.T5_TOKENS
     return dict(tokenizer=clip, tokenizer_2=copy.deepcopy(clip), tokenizer_3=t5)
 
 
