@@ -114,6 +114,9 @@ class Args:
     # ---- sampling
     steps: int = 10
     """T, sampling steps of the rollout (paper: 10)"""
+    shift: float = 0.0
+    """the sigma grid's time shift in rollout and training (0: the model scheduler's own, 3 for SD3.5); evaluation
+    keeps the model's, so that runs with other shifts are measured alike"""
     branch_steps: str = ""
     """B, the trained steps: comma list or range like 0-8 (default: all 0..T-2; the last step is never trained)"""
     branches: int = 6
@@ -198,9 +201,11 @@ class Args:
 # =====================================================================================================
 
 
-def sigma_grid(scheduler, steps: int) -> Tensor:
-    """The T-step grid s_0 = 1 > s_1 > ... > s_T = 0, as the pipeline's FlowMatchEulerDiscreteScheduler makes it."""
-    scheduler = copy.deepcopy(scheduler)  # set_timesteps mutates it; the pipeline's own stays untouched
+def sigma_grid(scheduler, steps: int, shift: float = 0.0) -> Tensor:
+    """The T-step grid s_0 = 1 > s_1 > ... > s_T = 0, as the pipeline's FlowMatchEulerDiscreteScheduler makes it
+    (with its own shift, or with `shift` where that is positive)."""
+    # set_timesteps mutates the scheduler; the pipeline's own stays untouched
+    scheduler = type(scheduler).from_config(scheduler.config, shift=shift) if shift else copy.deepcopy(scheduler)
     if scheduler.config.get("use_dynamic_shifting", False):
         raise ValueError("schedulers with use_dynamic_shifting need a resolution-dependent mu; SD3.5 has none")
     scheduler.set_timesteps(steps)
@@ -1232,7 +1237,7 @@ def train(args: Args) -> list[dict]:
     reward_fn = load_reward(args.reward, place, dtype=dtype)
     eval_fn = load_reward(args.eval_reward, place, dtype=dtype) if args.eval_reward else reward_fn
     pipe, params, optimizer, ema = setup(args, device)
-    sigmas = sigma_grid(pipe.scheduler, args.steps).to(device)
+    sigmas = sigma_grid(pipe.scheduler, args.steps, args.shift).to(device)
     branch_steps = parse_branch_steps(args.branch_steps, args.steps)
     describe_epoch(args, branch_steps, world)
     step_weight = step_weights(args, sigmas, branch_steps)
@@ -1414,6 +1419,7 @@ def finalize(args: Args) -> Args:
     group = args.branches * (args.seeds_per_prompt if args.group == "prompt" else 1)
     check(args.branches >= 1 and group >= 2, f"--branches {args.branches} and --seeds-per-prompt "
           f"{args.seeds_per_prompt} make groups of {group}; advantages need at least 2 samples per group")
+    check(args.shift >= 0, f"--shift {args.shift}: must be positive (or 0 for the model's own)")
     check(args.noise_level > 0, f"--noise-level {args.noise_level}: must be positive (the SDE needs noise)")
     factor = resolution_factor(args.model)
     check(args.resolution > 0 and args.resolution % factor == 0,

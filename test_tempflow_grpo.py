@@ -44,6 +44,17 @@ def test_grid_is_the_schedulers():
     assert sigmas[0] == 1 and sigmas[-1] == 0 and (sigmas.diff() < 0).all()
 
 
+def test_shift_gives_the_grid_of_a_scheduler_with_that_shift_and_leaves_the_models_alone():
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    grids = {shift: tg.sigma_grid(scheduler, 10, shift=shift) for shift in (1.0, 3.0, 6.0)}
+    for shift, grid in grids.items():
+        torch.testing.assert_close(grid, reference_grid(shift=shift))
+    torch.testing.assert_close(tg.sigma_grid(scheduler, 10, shift=0.0), grids[3.0])  # 0: the scheduler's own
+    assert scheduler.config.shift == 3.0
+    # a larger shift spends more of the steps at high noise: every interior s_i grows with it
+    assert (grids[1.0][1:-1] < grids[3.0][1:-1]).all() and (grids[3.0][1:-1] < grids[6.0][1:-1]).all()
+
+
 def test_log_prob_is_the_gaussian_density_at_every_grid_index():
     """log_prob = Normal(mean, std).log_prob(y) averaged over C*H*W, finite at every i including s = 1."""
     sigmas = reference_grid()
