@@ -1,55 +1,153 @@
-"""TempFlow-GRPO against Flow-GRPO and the two halves of TempFlow, at an equal budget of transformer evaluations.
+"""Equal-NFE studies on the tiny world: TempFlow-GRPO against Flow-GRPO, and the questions a user asks next.
 
-    python bench/compare.py          # about 35 minutes on 2 CPU cores -> bench/results/compare.md and compare.png
+    python bench/compare.py              # compare: the four variants on `color` (~20 min on 2 CPU cores)
+    python bench/compare.py geneval      # the four variants on geneval_toy, evaluated on held-out captions
+    python bench/compare.py schedules    # noise-aware weights or none, under other shifts and step counts
+    python bench/compare.py branching    # cheaper branch-step sets
+    python bench/compare.py batch        # prompts per epoch
+    python bench/compare.py hacking      # train on `color`, evaluate geneval_toy on held-out captions, and the KL
 
-Each variant trains the tiny world (`--tiny`) from 3 seeds until --budget latents have gone through the
-transformer (rollouts and updates, CFG's halves counted; evaluation excluded), evaluated every --eval-every epochs
-by one ODE sample per evaluation prompt from fixed noise. Curves are put on a common NFE grid by linear
-interpolation, then averaged over seeds.
+Each -> bench/results/<study>.md and <study>.png. Each run trains the tiny world (`--tiny`) until --budget latents
+have gone through the transformer (rollouts and updates, CFG's halves counted; evaluation excluded), evaluated
+every 5 epochs by one 10-step ODE sample per evaluation prompt from fixed noise (the EMA weights). Curves are put
+on a common NFE grid by linear interpolation, then averaged over seeds; a variant's final value is its curve's
+at the budget. Runs live in runs/bench/<setting>/<flags>-seed<n>, shared between studies (TempFlow-GRPO on
+`color` is trained once for four of them); a run with a smaller budget than asked is resumed up to it.
 """
 import argparse
 import json
 import os
+import random
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {
-    "TempFlow-GRPO": ["--method", "tempflow"],
-    "Flow-GRPO": ["--method", "flow_grpo"],
-    "branching, no weighting": ["--method", "tempflow", "--weighting", "uniform"],
-    "weighting, no branching": ["--method", "flow_grpo", "--weighting", "noise"],
+sys.path.insert(0, str(ROOT))
+import tempflow_grpo as tg  # noqa: E402
+
+WORLD = ROOT / "tiny_world"
+PROMPTS, TRAIN, HELDOUT = WORLD / "prompts.txt", WORLD / "prompts_train.txt", WORLD / "prompts_heldout.txt"
+TEMPFLOW, FLOW_GRPO = ["--method", "tempflow"], ["--method", "flow_grpo"]
+UNIFORM = ["--weighting", "uniform"]
+FOUR = {"TempFlow-GRPO": TEMPFLOW, "Flow-GRPO": FLOW_GRPO, "branching, no weighting": TEMPFLOW + UNIFORM,
+        "weighting, no branching": FLOW_GRPO + ["--weighting", "noise"]}
+LABELS = {"eval_reward": "eval reward", "eval_color": "eval color", "kl": "KL to the base (training)"}
+
+
+@dataclass
+class Study:
+    """Panels of variants (name -> flags); each panel's first variant is the one the others are measured against."""
+    question: str
+    panels: dict[str, dict[str, list[str]]]
+    reward: str = "color"
+    prompts: Path = PROMPTS
+    eval_prompts: Path = PROMPTS
+    eval_reward: str = ""
+    eval_samples: int = 1  # ODE samples per evaluation caption, each from its own noise
+    budget: int = 60_000
+    keys: tuple = ("eval_reward",)
+    weights: bool = False  # draw each panel's noise-aware weights under it (their flags set the grid)
+
+
+def grid_panel(extra: list[str]) -> dict[str, list[str]]:
+    return {"uniform": TEMPFLOW + UNIFORM + extra, "noise-aware": TEMPFLOW + extra}
+
+
+def branch_panel(steps: str) -> dict[str, list[str]]:
+    flags = ["--branch-steps", steps] if steps != "0-8" else []
+    return {"uniform": TEMPFLOW + UNIFORM + flags, "noise-aware": TEMPFLOW + flags}
+
+
+STUDIES = {
+    "compare": Study("TempFlow-GRPO, Flow-GRPO and each half of TempFlow at equal NFE, on `color`",
+                     {"": {"Flow-GRPO": FLOW_GRPO, **{k: v for k, v in FOUR.items() if k != "Flow-GRPO"}}},
+                     budget=120_000),
+    "geneval": Study("the four variants on the GenEval-style reward, trained on 40 captions and evaluated on 16 "
+                     "held out (both categories in each)",
+                     {"": {"Flow-GRPO": FLOW_GRPO, **{k: v for k, v in FOUR.items() if k != "Flow-GRPO"}}},
+                     reward="geneval_toy", prompts=TRAIN, eval_prompts=HELDOUT, eval_samples=4, budget=120_000),
+    "schedules": Study("TempFlow-GRPO with noise-aware weights or uniform ones, on other sigma grids",
+                       {"shift 3, T = 10 (SD3.5's)": grid_panel([]), "shift 1": grid_panel(["--shift", "1"]),
+                        "shift 6": grid_panel(["--shift", "6"]), "T = 6": grid_panel(["--steps", "6"])},
+                       weights=True),
+    "branching": Study("which steps to branch, at equal NFE: all of 0..8, the early ones, every other one",
+                       {"all, 0-8": branch_panel("0-8"), "early, 0-3": branch_panel("0-3"),
+                        "every other, 0,2,4,6,8": branch_panel("0,2,4,6,8")}, weights=True),
+    "batch": Study("prompts per epoch at equal NFE (TempFlow-GRPO; --tiny's default is 4, the reference 48)",
+                   {"": {f"{p} prompts": TEMPFLOW + ["--prompts-per-epoch", str(p)] * (p != 4)
+                         for p in (4, 2, 8, 32)}}, budget=120_000),
+    "hacking": Study("training on `color`, which a model can satisfy by painting the named colour, judged by "
+                     "geneval_toy on held-out captions",
+                     {"": {"Flow-GRPO": FLOW_GRPO, "TempFlow-GRPO": TEMPFLOW}}, prompts=TRAIN, eval_prompts=HELDOUT,
+                     eval_samples=4, eval_reward="geneval_toy,color:0", budget=120_000,
+                     keys=("eval_reward", "eval_color", "kl")),
 }
 
 
-def run(variant: str, seed: int, args) -> Path:
-    """One training run in its own process (one thread each, --jobs at a time); its folder is reused if complete."""
-    out = args.runs / f"{variant.replace(' ', '_').replace(',', '')}-seed{seed}"
-    if (out / "lora").exists():
+def heldout_split(per_category: int = 8, seed: int = 0):
+    """tiny_world/prompts_{train,heldout}.txt: `per_category` captions of each category held out at random."""
+    captions = PROMPTS.read_text().split("\n")[:-1]
+    held = set()
+    for category in ([c for c in captions if " on the " in c], [c for c in captions if " on the " not in c]):
+        held.update(random.Random(seed).sample(category, per_category))
+    TRAIN.write_text("".join(c + "\n" for c in captions if c not in held))
+    HELDOUT.write_text("".join(c + "\n" for c in captions if c in held))
+
+
+def eval_file(study: Study, root: Path, write: bool = False) -> Path:
+    """The evaluation prompts, each caption written eval_samples times in a row (one noise per line)."""
+    if study.eval_samples == 1:
+        return study.eval_prompts
+    path = root / f"{study.eval_prompts.stem}_x{study.eval_samples}.txt"
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        captions = tg.read_prompts(str(study.eval_prompts))
+        path.write_text("".join((caption + "\n") * study.eval_samples for caption in captions))
+    return path
+
+
+def run_folder(study: Study, flags: list[str], seed: int, root: Path) -> Path:
+    """One folder per (reward, prompts, evaluation, flags, seed): studies that need the same run share it."""
+    setting = "_".join([study.reward, study.prompts.stem, eval_file(study, root).stem] +
+                       ([f"eval-{study.eval_reward}"] if study.eval_reward else []))
+    name = "_".join(flag.lstrip("-") for flag in flags) or "default"
+    safe = lambda text: re.sub(r"[^\w.+-]", "+", text)  # noqa: E731
+    return root / safe(setting) / f"{safe(name)}-seed{seed}"
+
+
+def spent(out: Path) -> int:
+    rows = tg.read_rows(out / "metrics.jsonl")
+    return rows[-1]["nfe"] if rows else 0
+
+
+def run(study: Study, flags: list[str], seed: int, args) -> Path:
+    """One training run in its own process (one thread each, --jobs at a time), resumed if it has spent less."""
+    out = run_folder(study, flags, seed, args.runs)
+    if spent(out) >= args.budget:
         return out
-    cmd = [sys.executable, str(ROOT / "tempflow_grpo.py"), "--tiny", "--reward", args.reward, "--prompt-file",
-           str(args.prompts), "--eval-prompt-file", str(args.eval_prompts), "--eval-every", str(args.eval_every),
+    cmd = [sys.executable, str(ROOT / "tempflow_grpo.py"), "--tiny", "--reward", study.reward, "--prompt-file",
+           str(study.prompts), "--eval-prompt-file", str(eval_file(study, args.runs)), "--eval-every", "5",
            "--eval-steps", "10", "--max-nfe", str(args.budget), "--epochs", "100000", "--seed", str(seed),
-           "--save-every", "1000", "--image-every", "1000", "--out", str(out), "--resume", *VARIANTS[variant]]
+           "--save-every", "1000", "--image-every", "1000", "--out", str(out), "--resume", *flags]
+    cmd += ["--eval-reward", study.eval_reward] if study.eval_reward else []
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     return out
 
 
 def curve(out: Path, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(nfe, wall_s, eval reward): the base model's at 0, then at every evaluated epoch."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    points = [(0.0, 0.0, rows[0]["base_" + key])] + [(r["nfe"], r["wall_s"], r[key]) for r in rows if key in r]
+    """(nfe, wall_s, value of key): the base model's at 0 (a KL of 0), then at every epoch that logged it."""
+    rows = tg.read_rows(out / "metrics.jsonl")
+    points = [(0.0, 0.0, rows[0].get("base_" + key, 0.0))] + [(r["nfe"], r["wall_s"], r[key]) for r in rows
+                                                                 if key in r]
     return tuple(np.array(column, dtype=float) for column in zip(*points))
-
-
-def on_grid(xs: list[np.ndarray], ys: list[np.ndarray], grid: np.ndarray) -> np.ndarray:
-    """[runs, len(grid)]: each run's curve interpolated on the grid, starting from its first evaluation."""
-    return np.stack([np.interp(grid, x, y) for x, y in zip(xs, ys)])
 
 
 def first_reach(grid: np.ndarray, mean: np.ndarray, target: float) -> float | None:
@@ -57,70 +155,122 @@ def first_reach(grid: np.ndarray, mean: np.ndarray, target: float) -> float | No
     return float(grid[hit[0]]) if len(hit) else None
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reward", default="color")
-    parser.add_argument("--prompts", type=Path, default=ROOT / "tiny_world" / "prompts.txt")
-    parser.add_argument("--eval-prompts", type=Path, default=ROOT / "tiny_world" / "prompts.txt")
-    parser.add_argument("--budget", type=int, default=120_000, help="transformer evaluations per run")
-    parser.add_argument("--eval-every", type=int, default=5)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "compare")
-    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
-    jobs = [(v, s) for s in range(args.seeds) for v in VARIANTS]
+def panel_weights(flags: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(s_k, w_k) of a run's trained steps under its flags, as the run computes them."""
+    args = tg.parse_args(["--tiny", "--prompt-file", str(PROMPTS), *flags])
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(args.model, subfolder="scheduler")
+    sigmas = tg.sigma_grid(scheduler, args.steps, args.shift)
+    steps = tg.parse_branch_steps(args.branch_steps, args.steps)
+    return sigmas[steps].numpy(), tg.noise_aware_weights(sigmas, args.noise_level, steps).numpy()
+
+
+def summarise(name: str, study: Study, args) -> list[str]:
+    """Train what is missing, then the study's table (as markdown lines) and figure."""
+    eval_file(study, args.runs, write=True)
+    jobs = [(flags, seed) for seed in range(args.seeds) for panel in study.panels.values() for flags in panel.values()]
     with ThreadPoolExecutor(args.jobs) as pool:
-        outs = dict(zip(jobs, pool.map(lambda job: run(*job, args), jobs)))
-    key = "eval_reward"
+        list(pool.map(lambda job: run(study, *job, args), jobs))
     grid = np.linspace(0, args.budget, 101)
-    table, curves = [], {}
-    for variant in VARIANTS:
-        runs = [curve(outs[variant, s], key) for s in range(args.seeds)]
-        nfe_curves = on_grid([r[0] for r in runs], [r[2] for r in runs], grid)
-        wall = np.linspace(0, min(r[1][-1] for r in runs), 101)
-        wall_curves = on_grid([r[1] for r in runs], [r[2] for r in runs], wall)
-        finals = np.array([r[2][-1] for r in runs])
-        curves[variant] = (nfe_curves, wall, wall_curves)
-        table.append((variant, finals, float(np.mean([r[1][-1] for r in runs])), nfe_curves.mean(0)))
-    target = next(row[1].mean() for row in table if row[0] == "Flow-GRPO")
-    lines = [f"# Equal-NFE comparison on the tiny world ({args.reward} reward, {args.seeds} seeds)", "",
-             f"`python bench/compare.py --budget {args.budget} --eval-every {args.eval_every}`: each run stops after "
-             f"{args.budget:,} transformer evaluations (rollout and training; CFG halves counted). Eval reward: "
-             f"one ODE sample (10 steps) per prompt of {args.eval_prompts.name}, fixed noise.", "",
-             "| variant | final eval reward (mean +- std over seeds) | min .. max | NFE to reach Flow-GRPO's final | "
-             "wall s per run |", "| --- | --- | --- | --- | --- |"]
-    for variant, finals, wall_s, mean in table:
-        reach = first_reach(grid, mean, target)
-        lines.append(f"| {variant} | {finals.mean():.4f} +- {finals.std():.4f} | {finals.min():.4f} .. "
-                     f"{finals.max():.4f} | {f'{reach:,.0f} ({reach / args.budget:.0%})' if reach else 'not reached'}"
-                     f" | {wall_s:.0f} |")
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "compare.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    plot(curves, grid, args.results / "compare.png", key)
+    curves, bases = {}, {}  # (panel, variant, key) -> gain over the base [seeds, len(grid)]; key -> base [seeds]
+    samples = f"{study.eval_samples} 10-step ODE samples" if study.eval_samples > 1 else "one 10-step ODE sample"
+    lines = [f"# {name}: {study.question}", "",
+             f"`python bench/compare.py {name}{'' if args.budget == study.budget else f' --budget {args.budget}'}`"
+             f" ({args.seeds} seed{'s' * (args.seeds > 1)}; reward `{study.reward}` on {study.prompts.name}; "
+             f"evaluated with `{study.eval_reward or study.reward}` on {study.eval_prompts.name}, {samples} per "
+             f"caption, the EMA weights). Every run stops after {args.budget:,} transformer evaluations. A seed fixes "
+             f"the evaluation noise too, so each run is measured by its gain over the base model under the same "
+             f"noise; a difference is called within seed noise when the variants' min..max ranges of that gain "
+             f"overlap.", ""]
+    for panel, variants in study.panels.items():
+        first = next(iter(variants))
+        header = ["variant"] + [f"final gain in {LABELS.get(k, k)} (mean +- std)" for k in study.keys]
+        header += ["min .. max", f"NFE to reach {first}'s final", f"vs {first}", "wall s per run"]
+        lines += [f"## {panel}", ""] if panel else []
+        lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        for variant, flags in variants.items():
+            outs = [run_folder(study, flags, seed, args.runs) for seed in range(args.seeds)]
+            for key in study.keys:
+                runs = [curve(out, key) for out in outs]
+                bases[key] = np.array([r[2][0] for r in runs])
+                curves[panel, variant, key] = np.stack([np.interp(grid, r[0], r[2] - r[2][0]) for r in runs])
+            walls = [np.interp(args.budget, *curve(out, study.keys[0])[:2]) for out in outs]
+            gain, ref = (curves[panel, v, study.keys[0]] for v in (variant, first))
+            final, ref_final = gain[:, -1], ref[:, -1]
+            reach = first_reach(grid, gain.mean(0), ref_final.mean())
+            apart = final.min() > ref_final.max() or final.max() < ref_final.min()
+            cells = [variant] + [f"{curves[panel, variant, k][:, -1].mean():+.4f} +- "
+                                 f"{curves[panel, variant, k][:, -1].std():.4f}" for k in study.keys]
+            cells += [f"{final.min():+.4f} .. {final.max():+.4f}",
+                      f"{reach:,.0f} ({reach / args.budget:.0%})" if reach is not None else "not reached",
+                      "" if variant == first else f"{final.mean() - ref_final.mean():+.4f}, "
+                      f"{'apart' if apart else 'within seed noise'}", f"{np.mean(walls):.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        if study.weights:
+            s, w = panel_weights(variants[first])
+            lines += ["", "Noise-aware weights w_k at s_k: " + ", ".join(f"{a:.3f}: {b:.2f}" for a, b in zip(s, w))]
+        lines.append("")
+    lines.append("Base model, mean over the seeds' evaluation noises: " + ", ".join(
+        f"{LABELS.get(k, k)} {bases[k].mean():.4f} ({bases[k].min():.4f} .. {bases[k].max():.4f})"
+        for k in study.keys if k.startswith("eval")) + ".")
+    plot(study, curves, grid, args.results / f"{name}.png")
+    return lines
 
 
-def plot(curves: dict, grid: np.ndarray, path: Path, key: str):
+def plot(study: Study, curves: dict, grid: np.ndarray, path: Path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for variant, (nfe_curves, wall, wall_curves) in curves.items():
-        for ax, x, ys in ((axes[0], grid, nfe_curves), (axes[1], wall, wall_curves)):
-            ax.plot(x, ys.mean(0), label=variant)
-            ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.2)
-    axes[0].set_xlabel("transformer evaluations (NFE)")
-    axes[1].set_xlabel("wall time of one run (s, 1 CPU thread)")
-    for ax in axes:
-        ax.set_ylabel(key.replace("_", " "))
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle("mean and min-max band over seeds")
+    rows = len(study.keys) + study.weights
+    cols = len(study.panels) if len(study.keys) == 1 else len(study.keys)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 6.4), 3.6 * rows), squeeze=False)
+    for c, (panel, variants) in enumerate(study.panels.items()):
+        for r, key in enumerate(study.keys):
+            ax = axes[r, c] if len(study.keys) == 1 else axes[0, r]
+            for variant in variants:
+                ys = curves[panel, variant, key]
+                ax.plot(grid, ys.mean(0), label=variant)
+                ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2)
+            ylabel = f"gain in {LABELS.get(key, key)} over the base" if key.startswith("eval") else LABELS[key]
+            ax.set(title=panel or None, xlabel="transformer evaluations (NFE)", ylabel=ylabel)
+            ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        if study.weights:
+            s, w = panel_weights(variants[next(iter(variants))])
+            axes[-1, c].plot(s, w, "o-", color="C1")
+            axes[-1, c].axhline(1, color="C0", label="uniform")
+            axes[-1, c].set(xlabel="noise level s_k of the trained step", ylabel="noise-aware weight w_k",
+                            xlim=(1.02, -0.02), ylim=(0, 2.4))
+            axes[-1, c].grid(alpha=0.3)
+    fig.suptitle("mean and min-max band over seeds", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("studies", nargs="*", default=["compare"], help=f"any of {', '.join(STUDIES)}, or all")
+    parser.add_argument("--budget", type=int, default=0, help="transformer evaluations per run (0: the study's)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    names = list(STUDIES) if args.studies == ["all"] else args.studies
+    unknown = [n for n in names if n not in STUDIES]
+    if unknown:
+        parser.error(f"unknown study {unknown[0]!r}; choose from {', '.join(STUDIES)}, or all")
+    if not HELDOUT.exists():
+        heldout_split()
+    args.results.mkdir(parents=True, exist_ok=True)
+    budget = args.budget
+    for name in names:
+        args.budget = budget or STUDIES[name].budget
+        lines = summarise(name, STUDIES[name], args)
+        (args.results / f"{name}.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
