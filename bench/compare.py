@@ -15,6 +15,7 @@ at the budget. Runs live in runs/bench/<setting>/<flags>-seed<n>, shared between
 `color` is trained once for four of them); a run with a smaller budget than asked is resumed up to it.
 """
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -38,7 +39,6 @@ TEMPFLOW, FLOW_GRPO = ["--method", "tempflow"], ["--method", "flow_grpo"]
 UNIFORM = ["--weighting", "uniform"]
 FOUR = {"TempFlow-GRPO": TEMPFLOW, "Flow-GRPO": FLOW_GRPO, "branching, no weighting": TEMPFLOW + UNIFORM,
         "weighting, no branching": FLOW_GRPO + ["--weighting", "noise"]}
-LABELS = {"eval_reward": "eval reward", "eval_color": "eval color", "kl": "KL to the base (training)"}
 
 
 @dataclass
@@ -54,6 +54,13 @@ class Study:
     budget: int = 60_000
     keys: tuple = ("eval_reward",)
     weights: bool = False  # draw each panel's noise-aware weights under it (their flags set the grid)
+
+
+def label(study: Study, key: str) -> str:
+    """What a metrics key measures in this study."""
+    spec = study.eval_reward or study.reward
+    return {"eval_reward": f"eval {tg.parse_spec(spec)[0][0]}", "kl": "KL to the base (training)"}.get(
+        key, key.replace("_", " "))
 
 
 def grid_panel(extra: list[str]) -> dict[str, list[str]]:
@@ -164,6 +171,40 @@ def panel_weights(flags: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return sigmas[steps].numpy(), tg.noise_aware_weights(sigmas, args.noise_level, steps).numpy()
 
 
+def train_and_heldout(study: Study, args) -> list[str]:
+    """Each variant's final LoRA (the EMA weights it exported) evaluated on the training captions and on the
+    held-out ones alike, as gains over the base model under the same noise: generalisation against memorisation."""
+    import torch
+
+    from reward import load_reward
+
+    pipe, reward_fn = tg.load_pipeline(str(tg.TINY_WORLD)), load_reward(study.eval_reward or study.reward)
+    train = eval_file(dataclasses.replace(study, eval_prompts=study.prompts), args.runs, write=True)
+    files = {study.prompts.stem: train, study.eval_prompts.stem: eval_file(study, args.runs)}
+    lines = [f"Final gain in {label(study, 'eval_reward')} on the training and the held-out captions, the same "
+             f"{study.eval_samples} samples per caption, each variant's exported LoRA (mean +- std over seeds):", "",
+             "| variant | " + " | ".join(f"{stem}" for stem in files) + " |", "| --- |" + " --- |" * len(files)]
+    gains = {}  # (variant, stem) -> [seeds]
+    with torch.no_grad():
+        for seed in range(args.seeds):
+            run_args = tg.parse_args(["--tiny", "--prompt-file", str(train), "--seed", str(seed), "--eval-steps", "10"])
+            prompts = {stem: tg.read_prompts(str(f)) for stem, f in files.items()}
+            grid = args.runs / "scratch.png"
+            base = {stem: tg.evaluate(pipe, ps, reward_fn, run_args, grid)["eval_reward"]
+                    for stem, ps in prompts.items()}
+            for panel in study.panels.values():
+                for variant, flags in panel.items():
+                    pipe.load_lora_weights(run_folder(study, flags, seed, args.runs) / "lora")
+                    for stem, ps in prompts.items():
+                        score = tg.evaluate(pipe, ps, reward_fn, run_args, grid)["eval_reward"]
+                        gains.setdefault((variant, stem), []).append(score - base[stem])
+                    pipe.unload_lora_weights()
+    for variant in dict.fromkeys(v for panel in study.panels.values() for v in panel):
+        lines.append(f"| {variant} | " + " | ".join(f"{np.mean(gains[variant, stem]):+.4f} +- "
+                                                    f"{np.std(gains[variant, stem]):.4f}" for stem in files) + " |")
+    return lines + [""]
+
+
 def summarise(name: str, study: Study, args) -> list[str]:
     """Train what is missing, then the study's table (as markdown lines) and figure."""
     eval_file(study, args.runs, write=True)
@@ -183,7 +224,8 @@ def summarise(name: str, study: Study, args) -> list[str]:
              f"overlap.", ""]
     for panel, variants in study.panels.items():
         first = next(iter(variants))
-        header = ["variant"] + [f"final gain in {LABELS.get(k, k)} (mean +- std)" for k in study.keys]
+        header = ["variant"] + [f"final {'gain in ' * k.startswith('eval')}{label(study, k)} (mean +- std)"
+                                for k in study.keys]
         header += ["min .. max", f"NFE to reach {first}'s final", f"vs {first}", "wall s per run"]
         lines += [f"## {panel}", ""] if panel else []
         lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -210,8 +252,10 @@ def summarise(name: str, study: Study, args) -> list[str]:
             lines += ["", "Noise-aware weights w_k at s_k: " + ", ".join(f"{a:.3f}: {b:.2f}" for a, b in zip(s, w))]
         lines.append("")
     lines.append("Base model, mean over the seeds' evaluation noises: " + ", ".join(
-        f"{LABELS.get(k, k)} {bases[k].mean():.4f} ({bases[k].min():.4f} .. {bases[k].max():.4f})"
+        f"{label(study, k)} {bases[k].mean():.4f} ({bases[k].min():.4f} .. {bases[k].max():.4f})"
         for k in study.keys if k.startswith("eval")) + ".")
+    if study.eval_prompts != study.prompts:
+        lines += [""] + train_and_heldout(study, args)
     plot(study, curves, grid, args.results / f"{name}.png")
     return lines
 
@@ -222,7 +266,7 @@ def plot(study: Study, curves: dict, grid: np.ndarray, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = len(study.keys) + study.weights
+    rows = 1 + study.weights  # one row of curves: the panels side by side, or the keys of a one-panel study
     cols = len(study.panels) if len(study.keys) == 1 else len(study.keys)
     fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 6.4), 3.6 * rows), squeeze=False)
     for c, (panel, variants) in enumerate(study.panels.items()):
@@ -232,7 +276,7 @@ def plot(study: Study, curves: dict, grid: np.ndarray, path: Path):
                 ys = curves[panel, variant, key]
                 ax.plot(grid, ys.mean(0), label=variant)
                 ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2)
-            ylabel = f"gain in {LABELS.get(key, key)} over the base" if key.startswith("eval") else LABELS[key]
+            ylabel = f"gain in {label(study, key)} over the base" if key.startswith("eval") else label(study, key)
             ax.set(title=panel or None, xlabel="transformer evaluations (NFE)", ylabel=ylabel)
             ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
             ax.grid(alpha=0.3)
