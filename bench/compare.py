@@ -1,18 +1,19 @@
 """Equal-NFE studies on the tiny world: TempFlow-GRPO against Flow-GRPO, and the questions a user asks next.
 
-    python bench/compare.py              # compare: the four variants on `color` (~20 min on 2 CPU cores)
-    python bench/compare.py geneval      # the four variants on geneval_toy, evaluated on held-out captions
-    python bench/compare.py schedules    # noise-aware weights or none, under other shifts and step counts
-    python bench/compare.py branching    # cheaper branch-step sets
-    python bench/compare.py batch        # prompts per epoch
-    python bench/compare.py hacking      # train on `color`, evaluate geneval_toy on held-out captions, and the KL
+    python bench/compare.py              # compare: the four variants on `color`               (23 min on 2 cores)
+    python bench/compare.py geneval      # the four on geneval_toy, held-out captions          (22 min)
+    python bench/compare.py schedules    # noise-aware weights or none on other sigma grids   (20 min)
+    python bench/compare.py branching    # cheaper branch-step sets                            (20 min)
+    python bench/compare.py batch        # prompts per epoch                                   (20 min)
+    python bench/compare.py hacking      # train on `color`, judge by geneval_toy held out     (24 min)
 
 Each -> bench/results/<study>.md and <study>.png. Each run trains the tiny world (`--tiny`) until --budget latents
 have gone through the transformer (rollouts and updates, CFG's halves counted; evaluation excluded), evaluated
-every 5 epochs by one 10-step ODE sample per evaluation prompt from fixed noise (the EMA weights). Curves are put
-on a common NFE grid by linear interpolation, then averaged over seeds; a variant's final value is its curve's
-at the budget. Runs live in runs/bench/<setting>/<flags>-seed<n>, shared between studies (TempFlow-GRPO on
-`color` is trained once for four of them); a run with a smaller budget than asked is resumed up to it.
+every 5 epochs by 10-step ODE samples of the evaluation captions from noise fixed by the seed (the EMA weights).
+A run is measured by its gain over the base model under that same noise. Curves are put on a common NFE grid by
+linear interpolation, then averaged over seeds; a variant's final value is its curve's at the budget. Runs live
+in runs/bench/<setting>/<flags>-seed<n>, shared between studies (TempFlow-GRPO on `color` is trained once for
+four of them); a run with a smaller budget than asked is resumed up to it, so `--budget` can extend a study.
 """
 import argparse
 import dataclasses
@@ -84,9 +85,11 @@ STUDIES = {
                        {"shift 3, T = 10 (SD3.5's)": grid_panel([]), "shift 1": grid_panel(["--shift", "1"]),
                         "shift 6": grid_panel(["--shift", "6"]), "T = 6": grid_panel(["--steps", "6"])},
                        weights=True),
-    "branching": Study("which steps to branch, at equal NFE: all of 0..8, the early ones, every other one",
+    "branching": Study("which steps to branch, at equal NFE: all of 0..8, the early ones, every other one, the "
+                       "first two",
                        {"all, 0-8": branch_panel("0-8"), "early, 0-3": branch_panel("0-3"),
-                        "every other, 0,2,4,6,8": branch_panel("0,2,4,6,8")}, weights=True),
+                        "every other, 0,2,4,6,8": branch_panel("0,2,4,6,8"), "first two, 0-1": branch_panel("0-1")},
+                      weights=True),
     "batch": Study("prompts per epoch at equal NFE (TempFlow-GRPO; --tiny's default is 4, the reference 48)",
                    {"": {f"{p} prompts": TEMPFLOW + ["--prompts-per-epoch", str(p)] * (p != 4)
                          for p in (4, 2, 8, 32)}}, budget=120_000),
