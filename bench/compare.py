@@ -3,8 +3,8 @@
     python bench/compare.py              # compare: the four variants on `color`               (23 min on 2 cores)
     python bench/compare.py geneval      # the four on geneval_toy, held-out captions          (22 min)
     python bench/compare.py schedules    # noise-aware weights or none on other sigma grids   (20 min)
-    python bench/compare.py branching    # cheaper branch-step sets                            (20 min)
-    python bench/compare.py batch        # prompts per epoch                                   (20 min)
+    python bench/compare.py branching    # cheaper branch-step sets                            (24 min)
+    python bench/compare.py batch        # prompts per epoch                                   (25 min)
     python bench/compare.py hacking      # train on `color`, judge by geneval_toy held out     (24 min)
 
 Each -> bench/results/<study>.md and <study>.png. Each run trains the tiny world (`--tiny`) until --budget latents
