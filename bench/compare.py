@@ -16,15 +16,13 @@ in runs/bench/<setting>/<flags>-seed<n>, shared between studies (TempFlow-GRPO o
 four of them); a run with a smaller budget than asked is resumed up to it, so `--budget` can extend a study.
 """
 import argparse
-import dataclasses
-import json
 import os
 import random
 import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +36,8 @@ WORLD = ROOT / "tiny_world"
 PROMPTS, TRAIN, HELDOUT = WORLD / "prompts.txt", WORLD / "prompts_train.txt", WORLD / "prompts_heldout.txt"
 TEMPFLOW, FLOW_GRPO = ["--method", "tempflow"], ["--method", "flow_grpo"]
 UNIFORM = ["--weighting", "uniform"]
-FOUR = {"TempFlow-GRPO": TEMPFLOW, "Flow-GRPO": FLOW_GRPO, "branching, no weighting": TEMPFLOW + UNIFORM,
-        "weighting, no branching": FLOW_GRPO + ["--weighting", "noise"]}
+FOUR = {"Flow-GRPO": FLOW_GRPO, "TempFlow-GRPO": TEMPFLOW, "branching, no weighting": TEMPFLOW + UNIFORM,
+        "weighting, no branching": FLOW_GRPO + ["--weighting", "noise"]}  # Flow-GRPO first: the reference
 
 
 @dataclass
@@ -64,31 +62,27 @@ def label(study: Study, key: str) -> str:
         key, key.replace("_", " "))
 
 
-def grid_panel(extra: list[str]) -> dict[str, list[str]]:
-    return {"uniform": TEMPFLOW + UNIFORM + extra, "noise-aware": TEMPFLOW + extra}
-
-
-def branch_panel(steps: str) -> dict[str, list[str]]:
-    flags = ["--branch-steps", steps] if steps != "0-8" else []
-    return {"uniform": TEMPFLOW + UNIFORM + flags, "noise-aware": TEMPFLOW + flags}
+def weighting_panel(*extra: str) -> dict[str, list[str]]:
+    """TempFlow-GRPO with uniform weights (the reference) and with noise-aware ones, under the extra flags."""
+    return {"uniform": TEMPFLOW + UNIFORM + list(extra), "noise-aware": TEMPFLOW + list(extra)}
 
 
 STUDIES = {
     "compare": Study("TempFlow-GRPO, Flow-GRPO and each half of TempFlow at equal NFE, on `color`",
-                     {"": {"Flow-GRPO": FLOW_GRPO, **{k: v for k, v in FOUR.items() if k != "Flow-GRPO"}}},
-                     budget=120_000),
+                     {"": FOUR}, budget=120_000),
     "geneval": Study("the four variants on the GenEval-style reward, trained on 40 captions and evaluated on 16 "
                      "held out (both categories in each)",
-                     {"": {"Flow-GRPO": FLOW_GRPO, **{k: v for k, v in FOUR.items() if k != "Flow-GRPO"}}},
-                     reward="geneval_toy", prompts=TRAIN, eval_prompts=HELDOUT, eval_samples=4, budget=120_000),
+                     {"": FOUR}, reward="geneval_toy", prompts=TRAIN, eval_prompts=HELDOUT, eval_samples=4,
+                     budget=120_000),
     "schedules": Study("TempFlow-GRPO with noise-aware weights or uniform ones, on other sigma grids",
-                       {"shift 3, T = 10 (SD3.5's)": grid_panel([]), "shift 1": grid_panel(["--shift", "1"]),
-                        "shift 6": grid_panel(["--shift", "6"]), "T = 6": grid_panel(["--steps", "6"])},
+                       {"shift 3, T = 10 (SD3.5's)": weighting_panel(), "shift 1": weighting_panel("--shift", "1"),
+                        "shift 6": weighting_panel("--shift", "6"), "T = 6": weighting_panel("--steps", "6")},
                        weights=True),
     "branching": Study("which steps to branch, at equal NFE: all of 0..8, the early ones, every other one, the "
                        "first two",
-                       {"all, 0-8": branch_panel("0-8"), "early, 0-3": branch_panel("0-3"),
-                        "every other, 0,2,4,6,8": branch_panel("0,2,4,6,8"), "first two, 0-1": branch_panel("0-1")},
+                       {"all, 0-8": weighting_panel(), "early, 0-3": weighting_panel("--branch-steps", "0-3"),
+                        "every other, 0,2,4,6,8": weighting_panel("--branch-steps", "0,2,4,6,8"),
+                        "first two, 0-1": weighting_panel("--branch-steps", "0-1")},
                       weights=True),
     "batch": Study("prompts per epoch at equal NFE (TempFlow-GRPO; --tiny's default is 4, the reference 48)",
                    {"": {f"{p} prompts": TEMPFLOW + ["--prompts-per-epoch", str(p)] * (p != 4)
@@ -182,17 +176,16 @@ def train_and_heldout(study: Study, args) -> list[str]:
     from reward import load_reward
 
     pipe, reward_fn = tg.load_pipeline(str(tg.TINY_WORLD)), load_reward(study.eval_reward or study.reward)
-    train = eval_file(dataclasses.replace(study, eval_prompts=study.prompts), args.runs, write=True)
+    train = eval_file(replace(study, eval_prompts=study.prompts), args.runs, write=True)
     files = {study.prompts.stem: train, study.eval_prompts.stem: eval_file(study, args.runs)}
     lines = [f"Final gain in {label(study, 'eval_reward')} on the training and the held-out captions, the same "
              f"{study.eval_samples} samples per caption, each variant's exported LoRA (mean +- std over seeds):", "",
-             "| variant | " + " | ".join(f"{stem}" for stem in files) + " |", "| --- |" + " --- |" * len(files)]
+             "| variant | " + " | ".join(files) + " |", "| --- |" + " --- |" * len(files)]
+    prompts, grid = {stem: tg.read_prompts(str(f)) for stem, f in files.items()}, args.runs / "scratch.png"
     gains = {}  # (variant, stem) -> [seeds]
     with torch.no_grad():
         for seed in range(args.seeds):
             run_args = tg.parse_args(["--tiny", "--prompt-file", str(train), "--seed", str(seed), "--eval-steps", "10"])
-            prompts = {stem: tg.read_prompts(str(f)) for stem, f in files.items()}
-            grid = args.runs / "scratch.png"
             base = {stem: tg.evaluate(pipe, ps, reward_fn, run_args, grid)["eval_reward"]
                     for stem, ps in prompts.items()}
             for panel in study.panels.values():
