@@ -163,6 +163,20 @@ PICKSCORE = ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79
 CLIPSCORE = ("openai/clip-vit-large-patch14",) * 2
 
 
+# the hub models a model-based reward loads: (hub id, the environment variable naming a local copy instead, a file
+# that the hub's cache holds once it is downloaded)
+MODELS = {"pickscore": [(PICKSCORE[0], "PICKSCORE_MODEL", "config.json"),
+                        (PICKSCORE[1], "PICKSCORE_PROCESSOR", "preprocessor_config.json")],
+          "clipscore": [(CLIPSCORE[0], "CLIPSCORE_MODEL", "config.json")]}
+
+
+def required_models(spec: str, flag: str = "--reward") -> list[tuple[str, str, str, str]]:
+    """(reward name, model: the local copy its variable names, else the hub id, the variable, a file of it) for every
+    model the spec's rewards load, so that a run can look for all of them before it loads any."""
+    return [(name, os.environ.get(env, model), env, file) for name, _ in parse_spec(spec, flag)
+            for model, env, file in MODELS.get(name, [])]
+
+
 def load_clip(model_id: str, processor_id: str, model_env: str, processor_env: str, device,
               dtype: torch.dtype = torch.float32) -> tuple:
     """A CLIPModel (in dtype) and its processor, from the environment's local paths when set, else from the hub."""

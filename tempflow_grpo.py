@@ -48,17 +48,20 @@ import argparse
 import ast
 import copy
 import datetime
+import hashlib
 import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
+import tempfile
 import textwrap
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -67,7 +70,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from reward import load_reward, parse_spec, to_pil
+from reward import load_reward, parse_spec, required_models, to_pil
 
 # Without torchvision, transformers falls back to its PIL image processors (fine here) and says so at every start.
 logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requires torchvision" not in r.getMessage())
@@ -175,7 +178,8 @@ class Args:
 
     # ---- long runs: checkpoints, evaluation, images
     resume: bool = False
-    """continue the run in --out from its last complete checkpoint, up to --epochs"""
+    """continue the run in --out from its last complete checkpoint, up to --epochs; it may change the bookkeeping
+    and the memory levers, nothing that training computes (README.md, "What a resume may change")"""
     save_every: int = 1
     """epochs between checkpoints in --out/checkpoints (also written on SIGINT/SIGTERM and at the end)"""
     eval_prompt_file: str = ""
@@ -278,6 +282,9 @@ class PromptEmbeds(NamedTuple):
 
     def take(self, rows: Tensor) -> "PromptEmbeds":
         return PromptEmbeds(*(t[rows] for t in self))
+
+    def to(self, device) -> "PromptEmbeds":
+        return PromptEmbeds(*(t.to(device) for t in self))
 
 
 def cfg_copies(guidance: float) -> int:
@@ -488,21 +495,102 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
         pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype)
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SystemExit(f"error: cannot load --model {model!r} ({reason[:200]}). Download it once with "
-                         f"`hf download {model}` (after accepting its license on the hub) or pass --model "
-                         f"/path/to/a/local/copy.") from None
+        raise SystemExit(f"error: cannot load --model {model!r}: {reason}") from None
     return pipe
+
+
+def check_models(args: Args):
+    """Look for every model the run loads (the pipeline, the rewards' models) before loading any, and name all that
+    cannot be had in one line, each with how to get it."""
+    needs = [("--model", args.model, "model_index.json", "--model /path/to/a/local/copy")]
+    for flag, spec in (("--reward", args.reward), ("--eval-reward", args.eval_reward)):
+        needs += [(f"{flag} {name}", model, file, f"{env}=/path/to/a/local/copy")
+                  for name, model, env, file in (required_models(spec, flag) if spec else [])]
+    missing = []
+    for flag, model, file, local in {need[1]: need for need in needs}.values():  # each model once
+        why = model_problem(model, file)
+        missing += [f"{flag} needs {model!r}, {why} (or {local})"] if why else []
+    check(not missing, f"{len(missing)} model(s) this run needs cannot be loaded: {'; '.join(missing)}")
+
+
+def model_problem(model: str, file: str) -> str | None:
+    """Why `model`, a local folder or a hub id, cannot be loaded, or None: a folder, a hub id whose `file` is in
+    the local cache, or one the hub serves to this login."""
+    import huggingface_hub as hub
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(model).is_dir():
+        return None
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return "which is no folder"
+    if isinstance(hub.try_to_load_from_cache(model, file), str):
+        return None
+    if hub.is_offline_mode():
+        return f"which is not in the hub's cache (HF_HUB_OFFLINE is set): `hf download {model}` where online"
+    try:
+        hub.auth_check(model)
+    except GatedRepoError:
+        return f"which is gated: accept its license at https://huggingface.co/{model}, then `hf auth login`"
+    except RepositoryNotFoundError:
+        return "which is not on the hub (if it is private, `hf auth login`)"
+    except Exception as err:  # the network: a DNS failure, a timeout, a proxy
+        return f"which is not in the hub's cache, and the hub is unreachable ({type(err).__name__}): " \
+               f"`hf download {model}` where online"
+    return None
+
+
+def t5_length(pipe) -> int:
+    return min(T5_TOKENS, pipe.tokenizer_3.model_max_length)
 
 
 def encode_prompts(pipe, prompts: list[str]) -> PromptEmbeds:
     """Embeddings of the prompts and of the empty prompt, computed by the pipeline's own encode_prompt wherever the
     text encoders are, and handed over on the transformer's device."""
-    length = min(T5_TOKENS, pipe.tokenizer_3.model_max_length)
-    with torch.no_grad():
+    with torch.no_grad(), without_truncation_warnings(pipe):
         embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
             prompts, None, None, device=pipe.text_encoder.device, do_classifier_free_guidance=True,
-            max_sequence_length=length)
+            max_sequence_length=t5_length(pipe))
     return PromptEmbeds(*(t.to(pipe.transformer.device) for t in (embeds, pooled, neg_embeds, neg_pooled)))
+
+
+@contextmanager
+def without_truncation_warnings(pipe):
+    """The pipeline and the tokenizers warn at every encoding of a prompt longer than the text encoders take, with
+    its cut text (every epoch, in a log file); prompt_cuts says it once, at the start."""
+    loggers = [logging.getLogger(type(pipe).encode_prompt.__module__),
+               logging.getLogger("transformers.tokenization_utils_base")]
+    warned = ("The following part of your input was truncated", "Token indices sequence length is longer")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(warned)
+    for logger in loggers:
+        logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(keep)
+
+
+def prompt_cuts(pipe, numbered: list[tuple[int, str]], flag: str) -> str | None:
+    """One line naming the prompts (line numbers) that are longer than CLIP's or T5's tokens, which the pipeline
+    cuts there; None if none is."""
+    parts = []
+    with without_truncation_warnings(pipe):
+        if not numbered:
+            return None
+        for name, tokenizer, limit in (("CLIP", pipe.tokenizer, pipe.tokenizer_max_length),
+                                       ("T5", pipe.tokenizer_3, t5_length(pipe))):
+            lengths = [len(ids) for ids in tokenizer([prompt for _, prompt in numbered]).input_ids]
+            lines = [n for (n, _), length in zip(numbered, lengths) if length > limit]
+            if lines:
+                shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+                parts.append(f"{len(lines)} longer than {name}'s {limit} tokens (line {shown})")
+    return (f"note: {flag}: {'; '.join(parts)}, of {len(numbered)} prompts; the text encoders see them cut there"
+            if parts else None)
 
 
 def text_encoders(pipe) -> list[torch.nn.Module]:
@@ -538,27 +626,37 @@ def decode_latents(pipe, latents: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def ode_images(pipe, prompts: list[str], noise: Tensor, steps: int, guidance: float, max_batch: int = 1 << 30
+def ode_images(pipe, prompts: PromptEmbeds, noise: Tensor, steps: int, guidance: float, max_batch: int = 1 << 30
                ) -> Tensor:
-    """One ODE sample per prompt from its initial noise [N, C, H, W], decoded: images [N, 3, H, W] in [0, 1]."""
+    """One ODE sample per prompt (embeddings of N prompts) from its initial noise [N, C, H, W], decoded: images
+    [N, 3, H, W] in [0, 1]."""
     device = pipe.transformer.device
     with autocast(device):
-        latents = ode_rollout(pipe.transformer, noise.to(device), sigma_grid(pipe.scheduler, steps),
-                              encode_prompts(pipe, prompts), guidance, max_batch=max_batch)
+        latents = ode_rollout(pipe.transformer, noise.to(device), sigma_grid(pipe.scheduler, steps), prompts, guidance,
+                              max_batch=max_batch)
         return torch.cat([decode_latents(pipe, z) for z in latents.split(max_batch)])
 
 
 def read_prompts(path: str, flag: str = "--prompt-file") -> list[str]:
     """Non-blank lines of a UTF-8 text file, or one line saying what is wrong with it."""
+    return [prompt for _, prompt in numbered_prompts(path, flag)]
+
+
+def numbered_prompts(path: str, flag: str = "--prompt-file") -> list[tuple[int, str]]:
+    """(line number, prompt) of each non-blank line. A byte-order mark (Windows editors write one) and zero-width
+    spaces at a line's ends are dropped: the tokenizers would read them as part of a word."""
     file = Path(path)
     if not path:
         raise SystemExit(f"error: {flag} is required")
     if not file.is_file():
         raise SystemExit(f"error: {flag} {path!r} does not exist")
     try:
-        prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as err:
-        raise SystemExit(f"error: {flag} {path!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise SystemExit(f"error: {flag} {path!r} is not UTF-8 text ({err.reason} at byte {err.start}); save it "
+                         f"as UTF-8") from None
+    prompts = [(n, line.strip().strip("\ufeff\u200b").strip()) for n, line in enumerate(lines, start=1)]
+    prompts = [(n, prompt) for n, prompt in prompts if prompt]
     if not prompts:
         raise SystemExit(f"error: {flag} {path!r} has no prompts (it is empty or only blank lines)")
     return prompts
@@ -758,9 +856,13 @@ def check_in_sync(params: list[torch.nn.Parameter]):
 
 # ---------------- long runs: the out folder, checkpoints, signals, evaluation, image grids ----------------
 
-# settings a resumed run may change: none of them alters the trajectory of training
-RESUMABLE = {"epochs", "resume", "save_every", "eval_every", "image_every", "eval_prompt_file", "eval_steps",
+# A resume may change where the run is and what it logs, evaluates or saves...
+RESUMABLE = {"out", "resume", "epochs", "save_every", "eval_every", "image_every", "eval_prompt_file", "eval_steps",
              "max_nfe", "wandb", "eval_reward"}
+# ... and the memory levers: they change the order of floating-point sums and of the chunks' noise draws, not what
+# training computes, so the run goes on, though not bit-identically to an uninterrupted one
+MEMORY_LEVERS = {"max_batch", "train_batch", "rollout_prompts", "gradient_checkpointing", "offload_text_encoders",
+                 "offload_reward", "reward_dtype"}
 
 
 def last_checkpoint(out: Path) -> Path | None:
@@ -769,33 +871,58 @@ def last_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def prepare_out(args: Args) -> Path:
-    """Refuse an --out that holds another run, this run without --resume, or a resume by another number of
-    processes; then the first process writes config.json."""
-    out, config = Path(args.out), asdict(args)
-    saved = out / "config.json"
-    last = last_checkpoint(out)
-    processes = json.loads((last / "state.json").read_text()).get("processes", 1) if last else None
-    world = rank_and_world()[1]
-    if args.resume and processes not in (None, world):
-        raise SystemExit(f"error: --resume: the run in --out {args.out} ran as {processes} process(es), this is "
-                         f"{world}; resume it with torchrun --nproc_per_node {processes} (its noise is per process)")
-    if saved.exists():
-        old = json.loads(saved.read_text())
-        changed = sorted(k for k in (config.keys() | old.keys()) - RESUMABLE if config.get(k) != old.get(k))
-        if changed:
-            diffs = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {config.get(k)!r}" for k in changed[:3])
-            raise SystemExit(f"error: --out {args.out} holds a run with another configuration ({diffs}); "
-                             f"choose another --out or remove it")
-        if not args.resume:
-            raise SystemExit(f"error: --out {args.out} already holds this run; pass --resume to continue it or "
-                             f"choose another --out")
+def run_config(args: Args, prompts: list[str]) -> dict:
+    """What config.json holds: every setting, and a digest of the training prompts, so that a moved or re-saved
+    prompt file is the same data and an edited one is not."""
+    return dict(asdict(args), prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest())
+
+
+def check_out(args: Args, config: dict) -> str | None:
+    """Refuse an --out that holds another run, this run without --resume, a --resume with nothing to resume or by
+    another number of processes; writes nothing. Returns a note when a resume changes a memory lever."""
+    saved = Path(args.out) / "config.json"
+    if not saved.exists():
+        check(not args.resume, f"--resume: --out {args.out} holds no run to resume (no config.json); check the "
+              f"path, or leave out --resume to start a new run")
+        return None
+    old, default = json.loads(saved.read_text()), {f.name: f.default for f in fields(Args)}
+    # a setting that did not exist when the run began had its default; runs older than the digest compare paths
+    before = {k: old.get(k, default.get(k)) for k in config}
+    ignored = RESUMABLE | MEMORY_LEVERS | ({"prompt_file"} if "prompts_sha256" in old else {"prompts_sha256"})
+    flag = lambda k: "the prompts" if k == "prompts_sha256" else "--" + k.replace("_", "-")  # noqa: E731
+    changed = [f"{flag(k)} {before[k]!r} -> {config[k]!r}" for k in sorted(config) if k not in ignored
+               and before[k] != config[k]]
+    check(not changed, f"--out {args.out} holds a run with another configuration ({', '.join(changed[:3])}"
+          f"{', ...' if len(changed) > 3 else ''}); choose another --out or remove it")
+    check(args.resume, f"--out {args.out} already holds this run; pass --resume to continue it or choose another --out")
+    last, world = last_checkpoint(Path(args.out)), int(os.environ.get("WORLD_SIZE", 1))
+    processes = json.loads((last / "state.json").read_text()).get("processes", 1) if last else world
+    check(processes == world, f"--resume: the run in --out {args.out} ran as {processes} process(es), this is {world}; "
+          f"resume it with torchrun --nproc_per_node {processes} (its noise is per process)")
+    levers = [f"{flag(k)} {before[k]!r} -> {config[k]!r}" for k in sorted(MEMORY_LEVERS) if before[k] != config[k]]
+    return (f"note: --resume with {', '.join(levers)}: the same run, continued in another order of floating-point "
+            f"sums and noise draws, so not bit-identical to an uninterrupted one") if levers else None
+
+
+def check_writable(path: str):
+    """--out is a folder this process can write in (or can create), or one line saying why not."""
+    out = Path(path)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    check(existing.is_dir(), f"--out {path!r} is a file, not a folder" if existing == out else
+          f"--out {path!r}: {str(existing)!r} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise SystemExit(f"error: --out {path!r}: cannot write in {str(existing)!r} ({err.strerror})") from None
+
+
+def write_config(out: Path, config: dict):
+    """The first process creates --out and writes config.json, once every process has checked the folder."""
     if dist.is_initialized():
-        dist.barrier()  # every process has checked the folder before the first writes into it
+        dist.barrier()
     if rank_and_world()[0] == 0:
         out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(config, indent=1))
-    return out
+        (out / "config.json").write_text(json.dumps(config, indent=1))
 
 
 def save_checkpoint(out: Path, transformer, params, optimizer, ema, gen: torch.Generator, state: dict):
@@ -854,34 +981,40 @@ def load_checkpoint(out: Path, transformer, optimizer, ema, gen: torch.Generator
 
 class StopOnSignal:
     """SIGINT or SIGTERM asks the loop to finish the current epoch, save a checkpoint and exit; a second one stops
-    at once."""
+    at once. Under torchrun a Ctrl-C reaches each process twice, from the terminal and relayed by torchrun's agent,
+    so there a repeat changes nothing: the agent itself kills the processes after its --shutdown-timeout."""
     def __init__(self):
-        self.signum = None
+        self.signum, self.relayed = None, "RANK" in os.environ
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
-        if self.signum is not None:
+        if self.signum is not None and not self.relayed:
             raise KeyboardInterrupt
-        self.signum = signum
-        tqdm.write(f"{signal.Signals(signum).name}: finishing this epoch, then saving a checkpoint (again to abort)")
+        if self.signum is None and rank_and_world()[0] == 0:
+            tqdm.write(f"{signal.Signals(signum).name}: finishing this epoch, then saving a checkpoint " + (
+                "(torchrun kills the processes after its --shutdown-timeout, 30 s unless set longer)" if self.relayed
+                else "(again to abort)"))
+        self.signum = self.signum or signum
 
 
 @torch.no_grad()
 def evaluate(pipe, prompts: list[str], reward_fn, args: Args, grid: Path, shown: int = 64) -> dict:
     """Mean rewards of one ODE sample (--eval-steps) per prompt from noise fixed by --seed (drawn on the CPU, so
-    the same on any device), so that evaluations of one run, and of runs with one seed, are comparable. Prompts go
-    in chunks of one transformer call; the first `shown` samples go to a PNG grid."""
+    the same on any device), so that evaluations of one run, and of runs with one seed, are comparable. The prompts
+    are encoded once, then go in chunks of one transformer call; the first `shown` samples go to a PNG grid."""
+    device, per_call = pipe.transformer.device, max(1, args.max_batch // cfg_copies(args.guidance))
     noise = initial_noise(pipe, len(prompts), args.resolution, torch.Generator().manual_seed(args.seed))
-    per_call = max(1, args.max_batch // cfg_copies(args.guidance))
+    chunks = [prompts[j:j + per_call] for j in range(0, len(prompts), per_call)]
+    with placed(text_encoders(pipe), device, args.offload_text_encoders):  # all at once: the encoders come once
+        embeds = [encode_prompts(pipe, chunk).to("cpu") for chunk in chunks]
     scores, images = [], []
-    with placed(text_encoders(pipe), pipe.transformer.device, args.offload_text_encoders), \
-            placed(reward_fn.models, pipe.transformer.device, args.offload_reward):
-        for j in range(0, len(prompts), per_call):
-            chunk = ode_images(pipe, prompts[j:j + per_call], noise[j:j + per_call], args.eval_steps, args.guidance,
-                               args.max_batch)
-            scores.append(reward_fn(chunk, prompts[j:j + per_call]))
-            images.append(chunk[:max(0, shown - j)].cpu())
+    for chunk, chunk_embeds, chunk_noise in zip(chunks, embeds, noise.split(per_call)):
+        chunk_images = ode_images(pipe, chunk_embeds.to(device), chunk_noise, args.eval_steps, args.guidance,
+                                  args.max_batch)
+        with placed(reward_fn.models, device, args.offload_reward):
+            scores.append(reward_fn(chunk_images, chunk))
+        images.append(chunk_images[:max(0, shown - len(images) * per_call)].cpu())
     scores = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
     if rank_and_world()[0] == 0:  # under torchrun every process evaluates the same weights; the first writes
         save_grid(torch.cat(images), [f"{p} | {r:.3g}" for p, r in zip(prompts, scores["reward"][:shown].tolist())],
@@ -957,7 +1090,7 @@ def plot_reward(ax, rows: list[dict], x_key: str):
 def plot_series(ax, rows: list[dict], x_key: str, key: str, log: bool = False, **style):
     """One metric against x_key over the rows that have it (eval_* exists on evaluated epochs only); log scale when
     asked and every value is positive."""
-    points = [(row[x_key], row[key]) for row in rows if key in row and x_key in row]
+    points = [(row[x_key], row[key]) for row in rows if row.get(key) is not None and x_key in row]
     if not points:
         return
     xs, ys = zip(*points)
@@ -1065,17 +1198,15 @@ def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor,
     shown[torch.linspace(0, images - 1, min(32, images)).long()] = True  # the grid's images, spread over the epoch
     parts, before = [], 0  # before: the epoch's images sampled before this chunk
     bar = progress(total=len(prompts), desc="sample", unit="prompt", leave=False)
-    with placed(reward_fn.models, device, args.offload_reward):
-        for trunks in torch.arange(len(noise)).split(args.rollout_prompts * per_prompt):
-            rows = noise_prompt[trunks]
-            out, scores, kept = sample_chunk(pipe, args, noise[trunks], embeds.take(rows.to(device)),
-                                             [prompts[p] for p in rows.tolist()], reward_fn, sigmas, branch_steps,
-                                             gen, timer, shown[before:])
-            # the chunk's trunk and image ids -> the epoch's
-            parts.append((out._replace(image_noise=out.image_noise + trunks[0], image=out.image + before), scores,
-                          kept))
-            before += len(out.image_noise)
-            bar.update(len(trunks) // per_prompt)
+    for trunks in torch.arange(len(noise)).split(args.rollout_prompts * per_prompt):
+        rows = noise_prompt[trunks]
+        out, scores, kept = sample_chunk(pipe, args, noise[trunks], embeds.take(rows.to(device)),
+                                         [prompts[p] for p in rows.tolist()], reward_fn, sigmas, branch_steps, gen,
+                                         timer, shown[before:])
+        # the chunk's trunk and image ids -> the epoch's
+        parts.append((out._replace(image_noise=out.image_noise + trunks[0], image=out.image + before), scores, kept))
+        before += len(out.image_noise)
+        bar.update(len(trunks) // per_prompt)
     bar.close()
     out = Rollout(*map(torch.cat, zip(*(part[0] for part in parts))))  # latents: none, they are decoded
     scores = {k: torch.cat([part[1][k] for part in parts]) for k in parts[0][1]}
@@ -1123,7 +1254,7 @@ def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, caption
                       args.max_batch, gen)
     image_captions = [captions[n] for n in out.image_noise.tolist()]
     scores, kept = [], []
-    with timer("score_s"), autocast(device):
+    with timer("score_s"), autocast(device), placed(reward_fn.models, device, args.offload_reward):
         for j in range(0, len(out.latents), args.max_batch):
             images = decode_latents(pipe, out.latents[j:j + args.max_batch])  # [<= max_batch, 3, H, W]
             scores.append(reward_fn(images, image_captions[j:j + args.max_batch]))
@@ -1198,7 +1329,11 @@ def autocast(device: torch.device):
 
 
 def setup(args: Args, device: torch.device) -> tuple:
-    """The pipeline, frozen but for a fresh LoRA on its transformer, the AdamW over that LoRA and its EMA."""
+    """The pipeline, frozen but for a fresh LoRA on its transformer, the AdamW over that LoRA, its EMA, and the
+    training and evaluation rewards."""
+    place, dtype = "cpu" if args.offload_reward else device, getattr(torch, args.reward_dtype)
+    reward_fn = load_reward(args.reward, place, dtype=dtype)
+    eval_fn = load_reward(args.eval_reward, place, dtype=dtype) if args.eval_reward else reward_fn
     pipe = load_pipeline(args.model, torch.bfloat16 if device.type == "cuda" else torch.float32)
     for module in [pipe.transformer, pipe.vae, *text_encoders(pipe)]:
         module.requires_grad_(False)
@@ -1210,7 +1345,7 @@ def setup(args: Args, device: torch.device) -> tuple:
     if args.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    return pipe, params, optimizer, make_ema(params, args.ema)
+    return pipe, params, optimizer, make_ema(params, args.ema), reward_fn, eval_fn
 
 
 def epoch_size(args: Args, branch_steps: list[int]) -> dict:
@@ -1227,19 +1362,25 @@ def epoch_size(args: Args, branch_steps: list[int]) -> dict:
 
 def train(args: Args) -> list[dict]:
     """The whole run, resumable; returns the metrics rows of the epochs it ran. Under torchrun every process runs
-    it on its share of each epoch's prompts, and the first writes everything."""
-    prompt_list = read_prompts(args.prompt_file)
-    eval_prompts = read_prompts(args.eval_prompt_file, "--eval-prompt-file") if args.eval_prompt_file else []
-    device = init_distributed()
-    (rank, world), out = rank_and_world(), prepare_out(args)
-    tracker = open_tracker(args.wandb, asdict(args), out, args.resume) if args.wandb and rank == 0 else None
-    place, dtype = "cpu" if args.offload_reward else device, getattr(torch, args.reward_dtype)
-    reward_fn = load_reward(args.reward, place, dtype=dtype)
-    eval_fn = load_reward(args.eval_reward, place, dtype=dtype) if args.eval_reward else reward_fn
-    pipe, params, optimizer, ema = setup(args, device)
+    it on its share of each epoch's prompts, and the first writes everything. Every setting is checked, and every
+    model looked for, before anything loads; --out is written only once everything has loaded."""
+    with said_once():
+        args = finalize(args)
+        prompts = numbered_prompts(args.prompt_file)
+        eval_prompts = numbered_prompts(args.eval_prompt_file, "--eval-prompt-file") if args.eval_prompt_file else []
+        check_writable(args.out)
+        config = run_config(args, [p for _, p in prompts])
+        notes = [check_out(args, config)]
+        check_models(args)
+        device = init_distributed()
+        pipe, params, optimizer, ema, reward_fn, eval_fn = setup(args, device)
+    (rank, world), out = rank_and_world(), Path(args.out)
+    write_config(out, config)
+    tracker = open_tracker(args.wandb, config, out, args.resume) if args.wandb and rank == 0 else None
+    notes += [prompt_cuts(pipe, prompts, "--prompt-file"), prompt_cuts(pipe, eval_prompts, "--eval-prompt-file")]
     sigmas = sigma_grid(pipe.scheduler, args.steps, args.shift).to(device)
     branch_steps = parse_branch_steps(args.branch_steps, args.steps)
-    describe_epoch(args, branch_steps, world)
+    print0(*filter(None, notes), describe_epoch(args, branch_steps, world))
     step_weight = step_weights(args, sigmas, branch_steps)
     gen = torch.Generator(device).manual_seed(args.seed + rank)  # each process its own prompts and noise
     state = load_checkpoint(out, pipe.transformer, optimizer, ema, gen) if args.resume else None
@@ -1248,10 +1389,14 @@ def train(args: Args) -> list[dict]:
         keep_metrics_rows(out / "metrics.jsonl", state["metrics_rows"])  # drop rows of epochs after the checkpoint
     # the NFE of every process add up to the run's: the first carries the count so far
     cost, stop, rows, base = Cost(pipe.transformer, state["nfe"] * (rank == 0), state["wall_s"]), StopOnSignal(), [], {}
+    prompt_list, eval_prompts = [p for _, p in prompts], [p for _, p in eval_prompts]
     if eval_prompts and state["epoch"] == 0:  # the base model, for the first row
         with cost.paused(), ema_weights(ema, params):
-            scores = evaluate(pipe, eval_prompts, eval_fn, args, out / "images" / "eval_base.png")
-        base = {"base_" + k: v for k, v in scores.items()}
+            base = evaluate(pipe, eval_prompts, eval_fn, args, out / "images" / "eval_base.png")
+        failure = reward_failure(base, args, "in the base model's evaluation")
+        with said_once():
+            check(not failure, failure)
+        base = {"base_" + k: v for k, v in base.items()}
     done = 0 < args.max_nfe <= state["nfe"]  # a resumed run that had already spent its --max-nfe
     bar = progress(range(state["epoch"], args.epochs if not done else state["epoch"]), desc="epochs", unit="epoch",
                    initial=state["epoch"], total=args.epochs)
@@ -1274,26 +1419,91 @@ def train(args: Args) -> list[dict]:
         except torch.cuda.OutOfMemoryError:
             raise SystemExit(f"error: CUDA out of memory in epoch {epoch}: lower --max-batch (now {args.max_batch}) "
                              f"or --train-batch (now {args.train_batch}), or add --gradient-checkpointing, "
-                             f"--offload-text-encoders, --offload-reward") from None
+                             f"--offload-text-encoders, --offload-reward; then --resume") from None
         rows.append(dict(epoch=epoch, **metrics, **timer.metrics(), **(base if epoch == 0 else {}), nfe=nfe,
                          wall_s=cost.wall_s()))
         if rank == 0:
             publish(out, rows[-1], samples, args, tracker, last)
         stopping = all_sum(bool(stop.signum)) > 0  # a signal to any process stops all after this epoch
-        if (epoch + 1) % args.save_every == 0 or last or stopping:
+        failure = reward_failure(metrics, args, f"in epoch {epoch}")
+        if (epoch + 1) % args.save_every == 0 or last or stopping or failure:
             save_checkpoint(out, pipe.transformer, params, optimizer, ema, gen, dict(
                 epoch=epoch + 1, metrics_rows=state["metrics_rows"] + len(rows), nfe=nfe, wall_s=cost.wall_s(),
                 processes=world))
+        with said_once():
+            check(not failure, f"{failure}; the epoch's checkpoint is saved")
         if stopping:
+            print0(f"stopped after epoch {epoch}, checkpoint saved; to continue: {resume_command(args, world)}")
             raise SystemExit(128 + (stop.signum or signal.SIGTERM))
         if last:
             break
     if rank == 0:
         with ema_weights(ema, params):
             save_lora(pipe, out / "lora")
+    print0(summary(out))
     if tracker:
         tracker.finish()
     return rows
+
+
+def print0(*lines: str):
+    """Lines on stdout from the first process only (under torchrun it speaks for all), beside any progress bar."""
+    for line in lines if rank_and_world()[0] == 0 else ():
+        tqdm.write(line)
+    sys.stdout.flush()
+
+
+@contextmanager
+def said_once():
+    """Under torchrun every process meets the same errors of settings, files and rewards; the first says each, the
+    others exit quietly."""
+    try:
+        yield
+    except SystemExit as err:
+        if isinstance(err.code, str) and int(os.environ.get("RANK", 0)) > 0:
+            raise SystemExit(1) from None
+        raise
+
+
+def reward_failure(metrics: dict, args: Args, where: str) -> str | None:
+    """One line when no image of an epoch, or of an evaluation, had a finite reward (their mean over the finite ones
+    is NaN): nothing can be learned from it or measured. It names the reward and its parts that gave nothing."""
+    evaluation = ("--eval-reward", args.eval_reward) if args.eval_reward else ("--reward", args.reward)
+    for key, prefix, (flag, spec) in (("reward_mean", "reward_", ("--reward", args.reward)),
+                                      ("eval_reward", "eval_", evaluation)):
+        if key in metrics and not math.isfinite(metrics[key]):
+            empty = [name for name, _ in parse_spec(spec, flag) if not math.isfinite(metrics.get(prefix + name, 0))]
+            return (f"{flag} {spec!r} gave no finite reward {where}: NaN or infinite for every image, from "
+                    f"{', '.join(empty) or 'the sum'}; check that it suits the prompts (color and geneval_toy need a "
+                    f"colour word) or fix the plug-in")
+    return None
+
+
+def summary(out: Path) -> str:
+    """The run in one line, from its metrics rows, and where its results are."""
+    rows = read_rows(out / "metrics.jsonl")
+    value = lambda v: "nan" if v is None else f"{v:.3f}"  # noqa: E731  (metrics.jsonl writes NaN as null)
+    evals = [row["eval_reward"] for row in rows if "eval_reward" in row]
+    if evals and "base_eval_reward" in rows[0]:
+        reward = f"eval reward {value(rows[0]['base_eval_reward'])} (base) -> {value(evals[-1])}"
+    else:
+        reward = f"reward {value(rows[0]['reward_mean'])} (epoch 0) -> {value(rows[-1]['reward_mean'])}"
+    return (f"done: {rows[-1]['epoch'] + 1} epochs | {reward} | nfe {rows[-1]['nfe']:,} | "
+            f"{rows[-1]['wall_s'] / 60:.1f} min | LoRA in {out / 'lora'}, curves {out / 'curves.png'}, grids in "
+            f"{out / 'images'}")
+
+
+def resume_command(args: Args, world: int) -> str:
+    """The command line that continues this run: its settings that differ from their defaults, and --resume."""
+    default = {f.name: f.default for f in fields(Args)} | (TINY if args.tiny else {}) | METHODS[args.method]
+    words = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", str(world)]
+    words.append(os.path.relpath(__file__))
+    for f in fields(Args):
+        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if f.name == "resume" or (value == default[f.name] and f.name not in ("prompt_file", "out")):
+            continue
+        words += ([flag] if value else ["--no-" + flag[2:]]) if f.type is bool else [flag, str(value)]
+    return shlex.join(words + ["--resume"])
 
 
 def step_weights(args: Args, sigmas: Tensor, branch_steps: list[int]) -> Tensor:
@@ -1304,15 +1514,14 @@ def step_weights(args: Args, sigmas: Tensor, branch_steps: list[int]) -> Tensor:
     return step_weight
 
 
-def describe_epoch(args: Args, branch_steps: list[int], world: int):
-    """The derived sizes of an epoch, printed once (by the first process)."""
+def describe_epoch(args: Args, branch_steps: list[int], world: int) -> str:
+    """The derived sizes of an epoch, in one line."""
     size = epoch_size(args, branch_steps)
-    if rank_and_world()[0] == 0:
-        tqdm.write(f"epoch: {args.prompts_per_epoch} prompts x {size['trunks'] // args.prompts_per_epoch} noises"
-                   f"{f' over {world} processes' if world > 1 else ''}, {size['images']:,} images, "
-                   f"{size['transitions']:,} transitions ({size['per_step']:,} per optimizer step), "
-                   f"{size['rollout_nfe'] + size['train_nfe']:,} transformer evaluations (rollout "
-                   f"{size['rollout_nfe']:,}, training {size['train_nfe']:,})")
+    return (f"epoch: {args.prompts_per_epoch} prompts x {size['trunks'] // args.prompts_per_epoch} noises"
+            f"{f' over {world} processes' if world > 1 else ''}, {size['images']:,} images, "
+            f"{size['transitions']:,} transitions ({size['per_step']:,} per optimizer step), "
+            f"{size['rollout_nfe'] + size['train_nfe']:,} transformer evaluations (rollout "
+            f"{size['rollout_nfe']:,}, training {size['train_nfe']:,})")
 
 
 def keep_metrics_rows(path: Path, n: int):
@@ -1349,8 +1558,10 @@ def log(row: dict, path: Path):
                f"loss {row.get('loss', 0):.3g} | kl {row.get('kl', 0):.2e} | clipfrac {row.get('clipfrac', 0):.2f} | "
                f"zero-std {row['zero_std_frac']:.2f} | nfe {row['nfe']} | {row['wall_s']:.0f} s")
     sys.stdout.flush()
+    # strict JSON has no NaN or Infinity: a non-finite number is written as null
+    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
     with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps(row, allow_nan=False) + "\n")
 
 
 # =====================================================================================================
@@ -1391,8 +1602,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 def finalize(args: Args) -> Args:
-    """Fill in the method's defaults and check every setting, each failure one line naming its flag, before any
-    model loads."""
+    """A copy of args with the method's defaults filled in, every setting checked, each failure one line naming its
+    flag. train() calls it, so Args(...) from Python and the command line resolve and fail alike."""
+    args = replace(args)
     check(not args.tiny or args.model != Args.model, "tiny=True without the tiny settings: use "
           "Args(**TINY, tiny=True, ...), as --tiny on the command line does")
     check(args.method in METHODS, f"--method {args.method!r} is unknown; choose one of {', '.join(METHODS)}")
@@ -1459,7 +1671,8 @@ def resolution_factor(model: str) -> int:
 
 
 def main(argv: list[str] | None = None):
-    args = parse_args(argv)
+    with said_once():
+        args = parse_args(argv)
     try:
         train(args)
     finally:

@@ -3,6 +3,8 @@ import json
 import math
 import subprocess
 import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -715,22 +717,26 @@ def test_evaluation_can_score_with_another_reward_than_training(random_model, pr
     assert "eval_geneval_toy" in rows[0] and "eval_color" not in rows[0] and "base_eval_geneval_toy" in rows[0]
 
 
-def test_a_log_written_to_a_file_is_one_line_per_epoch(random_model, prompt_file, tmp_path):
-    """`python tempflow_grpo.py ... > train.log 2>&1`: the epoch's size once, then one fixed-format line per epoch;
-    no progress-bar redraw."""
+def test_a_log_written_to_a_file_is_one_line_per_epoch(random_model, tmp_path):
+    """`python tempflow_grpo.py ... > train.log 2>&1` with a 600-word prompt: one note naming the prompts the text
+    encoders cut, the epoch's size, one fixed-format line per epoch and the run's summary; no progress-bar redraw
+    and no cut text."""
     import subprocess
     import sys
 
-    log = tmp_path / "train.log"
-    argv = sys_argv_of(random_model, prompt_file, tmp_path / "run")
+    log, prompts = tmp_path / "train.log", tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\n" + " ".join(["two blue squares"] * 200) + "\n")
+    argv = sys_argv_of(random_model, str(prompts), tmp_path / "run")
     argv[argv.index("--epochs") + 1] = "3"
     with log.open("w") as file:
         subprocess.run([sys.executable, "tempflow_grpo.py", *argv], stdout=file, stderr=subprocess.STDOUT, check=True,
                        cwd=Path(tg.__file__).parent)
     lines = log.read_text().splitlines()
-    assert lines[0].startswith("epoch: ") and [line.split(" | ")[0] for line in lines[1:]] == [
+    assert lines[0].startswith("note: --prompt-file: 1 longer than CLIP's") and "(line 2)" in lines[0], lines
+    assert lines[1].startswith("epoch: ") and [line.split(" | ")[0] for line in lines[2:-1]] == [
         "epoch 0", "epoch 1", "epoch 2"], lines
-    assert "\r" not in log.read_text()
+    assert lines[-1].startswith("done: 3 epochs") and str(tmp_path / "run" / "lora") in lines[-1]
+    assert "\r" not in log.read_text() and len(log.read_text()) < 2000
 
 
 def test_progress_in_a_log_file_is_a_plain_line_now_and_then(monkeypatch):
@@ -858,6 +864,258 @@ def test_bad_input_fails_with_one_line_naming_the_flag(tmp_path, monkeypatch, fl
     assert str(err.value).startswith("error:") and "\n" not in str(err.value) and flag in str(err.value)
 
 
+# ---------------------------------------------------------------- first contact: resume rules, inputs, what a run says
+
+def same_lora(a, b):
+    a, b = lora_of(a), lora_of(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_forgives_how_out_is_spelled_and_where_the_run_folder_is(random_model, prompt_file, tmp_path,
+                                                                       monkeypatch):
+    """--out is where a run is, not what it is: a run begun as `a`, resumed as `a/`, then copied and resumed by its
+    absolute path, ends with the LoRA of the same run made in one go."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    tg.train(quick_args(random_model, prompt_file, "straight", "--epochs", "3"))
+    tg.train(quick_args(random_model, prompt_file, "a", "--epochs", "1"))
+    tg.train(quick_args(random_model, prompt_file, "a/", "--epochs", "2", "--resume"))
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    tg.train(quick_args(random_model, prompt_file, tmp_path / "moved", "--epochs", "3", "--resume"))
+    assert same_lora(tmp_path / "straight", tmp_path / "moved")
+
+
+def test_a_setting_missing_from_an_older_config_compares_as_its_default(random_model, prompt_file, tmp_path):
+    """A config.json written before a setting existed resumes when the setting is at its default, and is refused,
+    naming the setting, when it is not."""
+    tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "1"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["shift"], config["prompts_sha256"]  # as a run of before --shift and the prompts' digest
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="--shift 0.0 -> 3.0"):
+        tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "2", "--resume", "--shift", "3"))
+    assert len(tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "2", "--resume"))) == 1
+
+
+def test_resume_may_change_the_memory_levers_and_says_so(random_model, prompt_file, tmp_path, capsys):
+    """Every memory lever the out-of-memory message recommends may change on --resume; the run goes on with one line
+    saying it is not bit-identical to an uninterrupted one."""
+    tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "1"))
+    levers = ["--max-batch", "4", "--train-batch", "2", "--rollout-prompts", "1", "--gradient-checkpointing",
+              "--offload-text-encoders", "--offload-reward", "--reward-dtype", "bfloat16"]
+    rows = tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "2", "--resume", *levers))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: --resume")]
+    assert len(rows) == 1 and len(notes) == 1 and "not bit-identical" in notes[0]
+    assert all(flag in notes[0] for flag in levers if flag.startswith("--"))
+
+
+def test_resume_refuses_other_data_and_names_at_most_three_differences(random_model, prompt_file, tmp_path):
+    """The same prompts saved elsewhere (with a byte-order mark) resume; edited prompts do not; four changed settings
+    are named three at a time."""
+    tg.train(quick_args(random_model, prompt_file, tmp_path / "run", "--epochs", "1"))
+    copy, edited = tmp_path / "copy.txt", tmp_path / "edited.txt"
+    copy.write_text("\ufeff" + Path(prompt_file).read_text().replace("\n", "\r\n"), encoding="utf-8")
+    edited.write_text(Path(prompt_file).read_text() + "a yellow square\n")
+    assert len(tg.train(quick_args(random_model, str(copy), tmp_path / "run", "--epochs", "2", "--resume"))) == 1
+    with pytest.raises(SystemExit, match="the prompts"):
+        tg.train(quick_args(random_model, str(edited), tmp_path / "run", "--epochs", "3", "--resume"))
+    with pytest.raises(SystemExit) as err:
+        tg.train(quick_args(random_model, prompt_file, tmp_path / "run", "--epochs", "3", "--resume", "--lr", "1",
+                            "--beta", "1", "--seed", "1", "--steps", "5"))
+    assert str(err.value).count(" -> ") == 3 and ", ...)" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_resume_with_nothing_to_resume_is_one_line(tmp_path, monkeypatch):
+    """--resume on an --out that holds no run (a mistyped path) stops with one line; nothing is created."""
+    monkeypatch.setattr(tg, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    with pytest.raises(SystemExit, match="--resume: --out .* holds no run"):
+        tg.main(["--tiny", "--prompt-file", str(prompts), "--out", str(tmp_path / "typo"), "--resume"])
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_start_that_fails_before_training_leaves_out_as_it_was(prompt_file, tmp_path):
+    """A model that cannot be loaded stops the run before --out is created, so the same command fails the same way
+    twice (and not with "already holds this run")."""
+    (tmp_path / "broken").mkdir()  # a folder, so it passes the search, but holds no pipeline
+    argv = ["--tiny", "--prompt-file", prompt_file, "--out", str(tmp_path / "run"), "--model", str(tmp_path / "broken")]
+    errors = []
+    for _ in range(2):
+        with pytest.raises(SystemExit) as err:
+            tg.main(argv)
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] and "--model" in errors[0] and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text", ["\ufefftwo blue squares\na red circle\n",          # a byte-order mark
+                                  "\ufefftwo blue squares\r\na red circle\r\n",      # and Windows line ends
+                                  "two blue squares\u200b\n\u200ba red circle\n"])    # zero-width spaces
+def test_a_prompt_file_reads_as_its_plain_utf8_twin(tmp_path, text):
+    """Invisible marks that editors write reach neither the tokenizers nor the rewards: the file reads as the same
+    text saved plainly, and the caption scores as it does there."""
+    path = tmp_path / "p.txt"
+    path.write_bytes(text.encode("utf-8"))
+    prompts = tg.read_prompts(str(path))
+    assert prompts == ["two blue squares", "a red circle"]
+    image = torch.zeros(1, 3, 64, 64)
+    image[:, :, 10:20, 10:20], image[:, :, 40:50, 40:50] = torch.tensor(reward.COLORS["blue"])[:, None, None], \
+        torch.tensor(reward.COLORS["blue"])[:, None, None]
+    assert reward.geneval_toy(image, prompts[:1]).item() == reward.geneval_toy(image, ["two blue squares"]).item() > 0
+
+
+def test_prompts_longer_than_the_encoders_are_named_once(pipe, tmp_path):
+    """A prompt longer than CLIP's or T5's tokens is named by its line in one note; encoding it says nothing more."""
+    import logging
+
+    path = tmp_path / "p.txt"
+    path.write_text("a red circle\n\n" + " ".join(["two blue squares"] * 200) + "\n")
+    note = tg.prompt_cuts(pipe, tg.numbered_prompts(str(path)), "--prompt-file")
+    assert "\n" not in note and "CLIP" in note and "T5" in note and "(line 3)" in note
+    assert tg.prompt_cuts(pipe, [(1, "a red circle")], "--prompt-file") is None
+    loggers = [logging.getLogger(type(pipe).encode_prompt.__module__),
+               logging.getLogger("transformers.tokenization_utils_base")]
+    records, handler, filters = [], logging.Handler(), [list(logger.filters) for logger in loggers]
+    handler.emit = records.append
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        pipe.encode_prompt(tg.read_prompts(str(path)), None, None, max_sequence_length=tg.t5_length(pipe))
+        assert records, "the pipeline no longer warns: the test would prove nothing"
+        records.clear()
+        tg.encode_prompts(pipe, tg.read_prompts(str(path)))
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert not records, [r.getMessage()[:100] for r in records]
+    assert [logger.filters for logger in loggers] == filters  # the caller's logging is as it was
+
+
+def test_an_epoch_without_a_finite_reward_stops_after_saving_it(random_model, tmp_path):
+    """--reward color on prompts that name no colour: the run stops after the first epoch with one line naming the
+    reward, its checkpoint written, and metrics.jsonl strict JSON (null, not NaN)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a circle on the left\ntwo squares\n")
+    with pytest.raises(SystemExit) as err:
+        tg.train(quick_args(random_model, str(prompts), tmp_path / "run", "--epochs", "5"))
+    message = str(err.value)
+    assert "\n" not in message and "--reward 'color'" in message and "epoch 0" in message and "NaN" in message
+
+    def strict(token):
+        raise ValueError(f"{token} is not JSON")
+    rows = [json.loads(line, parse_constant=strict) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert len(rows) == 1 and rows[0]["reward_mean"] is None and rows[0]["invalid"] == rows[0]["images"]
+    assert json.loads(next((tmp_path / "run" / "checkpoints").glob("epoch_*")).joinpath("state.json").read_text())[
+        "epoch"] == 1
+
+
+def test_python_and_the_command_line_resolve_and_fail_alike(prompt_file, tmp_path, capsys):
+    """train(Args(**TINY, tiny=True, ...)) and the command line's --tiny write the same config.json (the method's
+    presets filled in), and a bad setting fails with the same line in both."""
+    small = dict(reward="color", steps=3, branches=2, seeds_per_prompt=1, prompts_per_epoch=1, epochs=1,
+                 eval_prompt_file="")
+    tg.train(tg.Args(**{**tg.TINY, **small}, tiny=True, prompt_file=prompt_file, out=str(tmp_path / "py")))
+    flags = [word for key, value in small.items() for word in ("--" + key.replace("_", "-"), str(value))]
+    tg.main(["--tiny", "--prompt-file", prompt_file, "--out", str(tmp_path / "cli"), *flags])
+    configs = [json.loads((tmp_path / run / "config.json").read_text()) for run in ("py", "cli")]
+    assert configs[0].pop("out") != configs[1].pop("out") and configs[0] == configs[1]
+    assert configs[0]["rollout"] == "branch" and configs[0]["weighting"] == "noise"
+    errors = []
+    for run in (lambda: tg.train(tg.Args(**{**tg.TINY, "branches": 1}, tiny=True, prompt_file=prompt_file)),
+                lambda: tg.main(["--tiny", "--prompt-file", prompt_file, "--branches", "1"])):
+        with pytest.raises(SystemExit) as err:
+            run()
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] and "--branches" in errors[0]
+
+
+def test_evaluation_brings_the_offloaded_models_over_only_for_their_work(random_model, prompt_file, monkeypatch):
+    """With --offload-text-encoders and --offload-reward, evaluation brings the text encoders once, for all its
+    prompts, and the reward model only to score; neither is on the device during a transformer call. Training's
+    chunks bring the reward model only to score too."""
+    pipe = tiny_world.build_tiny_pipeline(seed=0)
+    reward_model, events, held = torch.nn.Linear(1, 1), [], set()
+    real_placed = tg.placed
+
+    @contextmanager
+    def placed(modules, device, offload):
+        name = "reward" if reward_model in modules else "text" if pipe.text_encoder in modules else "other"
+        if offload:
+            held.add(name)
+        events.append(f"+{name}")
+        with real_placed(modules, device, offload):
+            yield
+        held.discard(name)
+    monkeypatch.setattr(tg, "placed", placed)
+    pipe.transformer.register_forward_hook(lambda *a: events.append("transformer " + ",".join(sorted(held))))
+    reward_fn = reward.load_reward("color")
+    scored = reward_fn
+
+    def score(images, prompts):
+        events.append("score " + ",".join(sorted(held)))
+        return scored(images, prompts)
+    score.models = [reward_model]
+    args = tg.parse_args(["--tiny", "--model", random_model, "--prompt-file", prompt_file, "--offload-text-encoders",
+                          "--offload-reward", "--max-batch", "4", "--eval-steps", "2", "--steps", "3", "--branches",
+                          "2", "--seeds-per-prompt", "1", "--prompts-per-epoch", "2", "--rollout-prompts", "1"])
+    prompts = ["a red circle", "two blue squares", "a green circle", "a yellow square"]
+    tg.evaluate(pipe, prompts, score, args, Path(tempfile.mkdtemp()) / "grid.png")
+    assert events.count("+text") == 1 and events.index("+text") == 0
+    assert set(e for e in events if e.startswith("transformer")) == {"transformer "}
+    assert events.count("score reward") == 2 == events.count("+reward")  # 4 prompts, 2 per transformer call
+    events.clear()
+    tg.collect(pipe, args, prompts, score, tg.sigma_grid(pipe.scheduler, 3), [0, 1], torch.Generator().manual_seed(0),
+               tg.Timer(torch.device("cpu")))
+    assert set(e for e in events if e.startswith("transformer")) == {"transformer "}
+    assert events.count("score reward") == 2 == events.count("+reward")  # one chunk per prompt
+
+
+def test_the_resume_command_resumes_the_same_configuration(prompt_file):
+    """The command printed after a signal, parsed as the command line, gives this run's settings, with --resume."""
+    import shlex
+
+    argv = ["--tiny", "--prompt-file", prompt_file, "--out", "runs/my run", "--method", "flow_grpo", "--lr", "0.002",
+            "--no-ema", "--eval-prompt-file", "", "--branch-steps", "0,2", "--gradient-checkpointing"]
+    args = tg.parse_args(argv)
+    for world, launcher in ((1, ["python"]), (2, ["torchrun", "--nproc_per_node", "2"])):
+        words = shlex.split(tg.resume_command(args, world))
+        assert words[:len(launcher)] == launcher and Path(words[len(launcher)]).name == "tempflow_grpo.py"
+        again = tg.parse_args(words[len(launcher) + 1:])
+        assert again.resume and asdict(again) == {**asdict(args), "resume": True}
+
+
+def test_every_missing_model_is_named_in_one_line_before_any_loads(prompt_file, tmp_path, monkeypatch):
+    """The pipeline and every reward model that cannot be had are named together, each with its way out (the flag
+    or the variable for a local copy; the license for a gated one), before anything loads or --out is made."""
+    import httpx2
+    import huggingface_hub
+    import huggingface_hub.constants
+    from huggingface_hub.errors import GatedRepoError
+
+    monkeypatch.setattr(tg, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("PICKSCORE_MODEL", str(tmp_path / "no-such-folder"))
+    argv = ["--prompt-file", prompt_file, "--out", str(tmp_path / "run"), "--model", "no-such-org/no-such-sd3",
+            "--reward", "pickscore", "--eval-reward", "clipscore"]
+    with pytest.raises(SystemExit) as err:
+        tg.main(argv)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("error: 4 model")
+    for needed in ("--model", "no-such-org/no-such-sd3", "PICKSCORE_MODEL", "no-such-folder", "PICKSCORE_PROCESSOR",
+                   "--eval-reward clipscore", "CLIPSCORE_MODEL"):
+        assert needed in message
+    assert not (tmp_path / "run").exists()
+
+    def gated(repo_id, **kwargs):
+        response = httpx2.Response(403, request=httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}"))
+        raise GatedRepoError("gated", response=response)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "auth_check", gated)
+    assert "accept its license at https://huggingface.co/no-such-org/no-such-sd3" in tg.model_problem(
+        "no-such-org/no-such-sd3", "model_index.json")
+
+
 # ---------------------------------------------------------------- several processes (torchrun, gloo on the CPU)
 
 def one_step_world(seed=0):
@@ -957,6 +1215,36 @@ def test_torchrun_two_processes_resume_exactly_and_the_first_writes(random_model
     assert len(list((tmp_path / "a" / "images").glob("eval_*.png"))) == 3  # base, after epochs 2 and 4
     with pytest.raises(SystemExit, match="2 process"):
         tg.train(tg.parse_args(argv(tmp_path / "b", 5, "--resume")))
+
+
+def test_a_bad_setting_under_torchrun_is_said_once(prompt_file):
+    """Every process meets the same bad setting; the first says it, the others exit without a word."""
+    done = torchrun(["--tiny", "--prompt-file", prompt_file, "--branches", "1", "--prompts-per-epoch", "2"])
+    assert done.returncode != 0 and done.stderr.count("error: --branches 1") == 1, done.stderr[-2000:]
+
+
+def test_ctrl_c_under_torchrun_finishes_the_epoch_and_saves_it(random_model, prompt_file, tmp_path):
+    """Ctrl-C under torchrun (SIGINT to the terminal's process group, then relayed by torchrun's agent): the epoch
+    finishes and its checkpoint is written, as in one process, and the first process prints the command that
+    resumes the run."""
+    import os
+    import signal
+    import sys
+    import time
+
+    argv = sys_argv_of(random_model, prompt_file, tmp_path)
+    argv[argv.index("--prompts-per-epoch") + 1] = "2"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "tempflow_grpo.py", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(tg.__file__).parent, start_new_session=True)  # its own group, as a terminal's
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 120
+    while not (metrics.exists() and metrics.read_text()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    state = json.loads(next((tmp_path / "checkpoints").glob("epoch_*")).joinpath("state.json").read_text())
+    assert state["epoch"] >= 1 and state["metrics_rows"] == len(metrics.read_text().splitlines()), output[-3000:]
+    assert "KeyboardInterrupt" not in output and output.count("to continue: torchrun --nproc_per_node 2") == 1
 
 
 def test_prompts_that_do_not_split_over_the_processes_fail_before_any_model_loads(tmp_path, monkeypatch):

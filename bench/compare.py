@@ -139,7 +139,8 @@ def run(study: Study, flags: list[str], seed: int, args) -> Path:
     cmd = [sys.executable, str(ROOT / "tempflow_grpo.py"), "--tiny", "--reward", study.reward, "--prompt-file",
            str(study.prompts), "--eval-prompt-file", str(eval_file(study, args.runs)), "--eval-every", "5",
            "--eval-steps", "10", "--max-nfe", str(args.budget), "--epochs", "100000", "--seed", str(seed),
-           "--save-every", "1000", "--image-every", "1000", "--out", str(out), "--resume", *flags]
+           "--save-every", "1000", "--image-every", "1000", "--out", str(out), *flags]
+    cmd += ["--resume"] if (out / "config.json").exists() else []
     cmd += ["--eval-reward", study.eval_reward] if study.eval_reward else []
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)

@@ -51,7 +51,8 @@ def worker(cap_gb: int, flags: list[str], folder: Path, dry_run: bool) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 2**30 / total), device)
     sd35m.pickscore_env(folder / "pickscore")
     pipe = sd35m.build_sd35m(device, torch.bfloat16 if device.type == "cuda" else torch.float32, dry_run)
-    tg.load_pipeline = lambda model, dtype=None: pipe  # train() gets the random SD3.5-M in place of --model
+    tg.load_pipeline = lambda model, dtype=None: pipe  # train() gets the random SD3.5-M in place of --model,
+    tg.check_models = lambda args: None                  # which it therefore need not look for
     (folder / "prompts.txt").write_text(PROMPT + "\n")
     argv = ["--model", "random-sd35m", "--prompt-file", str(folder / "prompts.txt"), "--out",
             str(folder / f"run{cap_gb}"), "--reward", "pickscore", "--prompts-per-epoch", "1", "--epochs", "1",

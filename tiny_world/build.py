@@ -156,7 +156,7 @@ def evaluate(pipe, seeds: int, steps: int = 10, guidance: float = 4.5) -> dict:
     for category, captions in all_captions().items():
         prompts = [c for c in captions for _ in range(seeds)]
         noise = tg.initial_noise(pipe, len(prompts), SIZE, torch.Generator().manual_seed(0))
-        images = tg.ode_images(pipe, prompts, noise, steps, guidance)
+        images = tg.ode_images(pipe, tg.encode_prompts(pipe, prompts), noise, steps, guidance)
         images = images.permute(0, 2, 3, 1).numpy()
         checks = [geneval_checks(image, prompt) for image, prompt in zip(images, prompts)]
         report[category] = {k: float(np.mean([c[k] for c in checks])) for k in checks[0]}
