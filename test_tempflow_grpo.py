@@ -852,6 +852,9 @@ def test_cuda_out_of_memory_names_the_flags_that_fix_it(random_model, prompt_fil
     (["--rollout", "sde", "--group", "seed"], b"a", "--group"),
     (["--reward", "aesthetic"], b"a", "--reward"),
     (["--eval-reward", "aesthetic"], b"a", "--eval-reward"),
+    (["--out", "{tmp}/prompts.txt"], b"a", "--out"),      # an existing file
+    (["--out", "{tmp}/prompts.txt/run"], b"a", "--out"),  # a folder below a file
+    (["--out", "/sys/tempflow-run"], b"a", "--out"),      # a folder nobody may write in, root included
 ])
 def test_bad_input_fails_with_one_line_naming_the_flag(tmp_path, monkeypatch, flags, content, flag):
     """Each bad input exits with one line that names its flag, before any model is loaded."""
@@ -860,7 +863,7 @@ def test_bad_input_fails_with_one_line_naming_the_flag(tmp_path, monkeypatch, fl
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(SystemExit) as err:
-        tg.main(["--prompt-file", str(path), "--out", str(tmp_path / "run"), *flags])
+        tg.main(["--prompt-file", str(path), "--out", str(tmp_path / "run"), *(f.format(tmp=tmp_path) for f in flags)])
     assert str(err.value).startswith("error:") and "\n" not in str(err.value) and flag in str(err.value)
 
 
