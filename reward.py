@@ -159,15 +159,11 @@ def jpeg_compressibility(images: Tensor, prompts: list[str]) -> Tensor:
 
 # ---------------------------------------------------------------- CLIP-based rewards, through transformers
 
-PICKSCORE = ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
-CLIPSCORE = ("openai/clip-vit-large-patch14",) * 2
-
-
-# the hub models a model-based reward loads: (hub id, the environment variable naming a local copy instead, a file
-# that the hub's cache holds once it is downloaded)
-MODELS = {"pickscore": [(PICKSCORE[0], "PICKSCORE_MODEL", "config.json"),
-                        (PICKSCORE[1], "PICKSCORE_PROCESSOR", "preprocessor_config.json")],
-          "clipscore": [(CLIPSCORE[0], "CLIPSCORE_MODEL", "config.json")]}
+# The hub models of each CLIP-based reward, its model first, then its processor where that lives elsewhere:
+# (hub id, the environment variable naming a local copy instead, a file the hub's cache holds once it is downloaded)
+MODELS = {"pickscore": [("yuvalkirstain/PickScore_v1", "PICKSCORE_MODEL", "config.json"),
+                        ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "PICKSCORE_PROCESSOR", "preprocessor_config.json")],
+          "clipscore": [("openai/clip-vit-large-patch14", "CLIPSCORE_MODEL", "config.json")]}
 
 
 def required_models(spec: str, flag: str = "--reward") -> list[tuple[str, str, str, str]]:
@@ -177,11 +173,12 @@ def required_models(spec: str, flag: str = "--reward") -> list[tuple[str, str, s
             for model, env, file in MODELS.get(name, [])]
 
 
-def load_clip(model_id: str, processor_id: str, model_env: str, processor_env: str, device,
-              dtype: torch.dtype = torch.float32) -> tuple:
-    """A CLIPModel (in dtype) and its processor, from the environment's local paths when set, else from the hub."""
+def load_clip(name: str, device, dtype: torch.dtype = torch.float32) -> tuple:
+    """The CLIPModel (in dtype) and processor of the reward `name` (a key of MODELS), from the local copies its
+    environment variables name when set, else from the hub."""
     from transformers import AutoProcessor, CLIPModel
 
+    (model_id, model_env, _), (processor_id, processor_env, _) = MODELS[name][0], MODELS[name][-1]
     model_id, processor_id = os.environ.get(model_env, model_id), os.environ.get(processor_env, processor_id)
     try:
         model = CLIPModel.from_pretrained(model_id, dtype=dtype).eval().requires_grad_(False).to(device)
@@ -208,11 +205,11 @@ def clip_similarity(model, processor, scaled: bool) -> RewardFn:
 
 
 def pickscore(device, dtype=torch.float32) -> RewardFn:
-    return clip_similarity(*load_clip(*PICKSCORE, "PICKSCORE_MODEL", "PICKSCORE_PROCESSOR", device, dtype), True)
+    return clip_similarity(*load_clip("pickscore", device, dtype), True)
 
 
 def clipscore(device, dtype=torch.float32) -> RewardFn:
-    return clip_similarity(*load_clip(*CLIPSCORE, "CLIPSCORE_MODEL", "CLIPSCORE_MODEL", device, dtype), False)
+    return clip_similarity(*load_clip("clipscore", device, dtype), False)
 
 
 # ---------------------------------------------------------------- load_reward: specs, weights, plug-ins

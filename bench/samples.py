@@ -32,9 +32,10 @@ def main():
     args = parser.parse_args()
     pipe = tiny_world.build_tiny_pipeline(pretrained=True)
     noise = tg.initial_noise(pipe, len(PROMPTS), 64, torch.Generator().manual_seed(args.seed))
-    base = tg.ode_images(pipe, tg.encode_prompts(pipe, PROMPTS), noise, args.steps, 4.5)
+    embeds = tg.encode_prompts(pipe, PROMPTS)  # the LoRA is the transformer's: the text encoders stay as they are
+    base = tg.ode_images(pipe, embeds, noise, args.steps, 4.5)
     pipe.load_lora_weights(args.run / "lora")
-    tuned = tg.ode_images(pipe, tg.encode_prompts(pipe, PROMPTS), noise, args.steps, 4.5)
+    tuned = tg.ode_images(pipe, embeds, noise, args.steps, 4.5)
     images, captions = [], []
     for half in (slice(0, 8), slice(8, 16)):
         for label, batch in (("base", base), ("tuned", tuned)):
