@@ -578,10 +578,10 @@ def without_truncation_warnings(pipe):
 def prompt_cuts(pipe, numbered: list[tuple[int, str]], flag: str) -> str | None:
     """One line naming the prompts (line numbers) that are longer than CLIP's or T5's tokens, which the pipeline
     cuts there; None if none is."""
+    if not numbered:
+        return None
     parts = []
     with without_truncation_warnings(pipe):
-        if not numbered:
-            return None
         for name, tokenizer, limit in (("CLIP", pipe.tokenizer, pipe.tokenizer_max_length),
                                        ("T5", pipe.tokenizer_3, t5_length(pipe))):
             lengths = [len(ids) for ids in tokenizer([prompt for _, prompt in numbered]).input_ids]
@@ -885,7 +885,7 @@ def check_out(args: Args, config: dict) -> str | None:
         check(not args.resume, f"--resume: --out {args.out} holds no run to resume (no config.json); check the "
               f"path, or leave out --resume to start a new run")
         return None
-    old, default = json.loads(saved.read_text()), {f.name: f.default for f in fields(Args)}
+    old, default = json.loads(saved.read_text()), defaults()
     # a setting that did not exist when the run began had its default; runs older than the digest compare paths
     before = {k: old.get(k, default.get(k)) for k in config}
     ignored = RESUMABLE | MEMORY_LEVERS | ({"prompt_file"} if "prompts_sha256" in old else {"prompts_sha256"})
@@ -1365,28 +1365,19 @@ def train(args: Args) -> list[dict]:
     it on its share of each epoch's prompts, and the first writes everything. Every setting is checked, and every
     model looked for, before anything loads; --out is written only once everything has loaded."""
     with said_once():
-        args = finalize(args)
-        prompts = numbered_prompts(args.prompt_file)
-        eval_prompts = numbered_prompts(args.eval_prompt_file, "--eval-prompt-file") if args.eval_prompt_file else []
-        check_writable(args.out)
-        config = run_config(args, [p for _, p in prompts])
-        notes = [check_out(args, config)]
-        check_models(args)
+        args, config, prompts, eval_prompts, note = prepare(args)
         device = init_distributed()
         pipe, params, optimizer, ema, reward_fn, eval_fn = setup(args, device)
     (rank, world), out = rank_and_world(), Path(args.out)
     write_config(out, config)
     tracker = open_tracker(args.wandb, config, out, args.resume) if args.wandb and rank == 0 else None
-    notes += [prompt_cuts(pipe, prompts, "--prompt-file"), prompt_cuts(pipe, eval_prompts, "--eval-prompt-file")]
     sigmas = sigma_grid(pipe.scheduler, args.steps, args.shift).to(device)
     branch_steps = parse_branch_steps(args.branch_steps, args.steps)
-    print0(*filter(None, notes), describe_epoch(args, branch_steps, world))
+    cuts = [prompt_cuts(pipe, prompts, "--prompt-file"), prompt_cuts(pipe, eval_prompts, "--eval-prompt-file")]
+    print0(*filter(None, [note, *cuts]), describe_epoch(args, branch_steps, world))
     step_weight = step_weights(args, sigmas, branch_steps)
     gen = torch.Generator(device).manual_seed(args.seed + rank)  # each process its own prompts and noise
-    state = load_checkpoint(out, pipe.transformer, optimizer, ema, gen) if args.resume else None
-    state = state or dict(epoch=0, metrics_rows=0, nfe=0, wall_s=0.0)
-    if rank == 0:
-        keep_metrics_rows(out / "metrics.jsonl", state["metrics_rows"])  # drop rows of epochs after the checkpoint
+    state = resume_state(out, args, pipe.transformer, optimizer, ema, gen)
     # the NFE of every process add up to the run's: the first carries the count so far
     cost, stop, rows, base = Cost(pipe.transformer, state["nfe"] * (rank == 0), state["wall_s"]), StopOnSignal(), [], {}
     prompt_list, eval_prompts = [p for _, p in prompts], [p for _, p in eval_prompts]
@@ -1402,7 +1393,7 @@ def train(args: Args) -> list[dict]:
                    initial=state["epoch"], total=args.epochs)
     for epoch in bar:
         timer = Timer(device)
-        try:
+        with memory_advice(args, epoch):
             batch, embeds, metrics, samples = collect(pipe, args, prompt_list, reward_fn, sigmas, branch_steps, gen,
                                                       timer)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", refresh=False)
@@ -1416,10 +1407,6 @@ def train(args: Args) -> list[dict]:
                 with timer("eval_s"), cost.paused(), ema_weights(ema, params):
                     grid = out / "images" / f"eval_{epoch:06d}.png"
                     metrics.update(evaluate(pipe, eval_prompts, eval_fn, args, grid))
-        except torch.cuda.OutOfMemoryError:
-            raise SystemExit(f"error: CUDA out of memory in epoch {epoch}: lower --max-batch (now {args.max_batch}) "
-                             f"or --train-batch (now {args.train_batch}), or add --gradient-checkpointing, "
-                             f"--offload-text-encoders, --offload-reward; then --resume") from None
         rows.append(dict(epoch=epoch, **metrics, **timer.metrics(), **(base if epoch == 0 else {}), nfe=nfe,
                          wall_s=cost.wall_s()))
         if rank == 0:
@@ -1444,6 +1431,41 @@ def train(args: Args) -> list[dict]:
     if tracker:
         tracker.finish()
     return rows
+
+
+@contextmanager
+def memory_advice(args: Args, epoch: int):
+    """CUDA out of memory ends the run with one line naming the memory levers that a resume may change."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit(f"error: CUDA out of memory in epoch {epoch}: lower --max-batch (now {args.max_batch}) "
+                         f"or --train-batch (now {args.train_batch}), or add --gradient-checkpointing, "
+                         f"--offload-text-encoders, --offload-reward; then --resume") from None
+
+
+def prepare(args: Args) -> tuple[Args, dict, list, list, str | None]:
+    """All that can fail before anything loads: the settings resolved and checked, the prompt files read, --out and
+    every model looked at. Returns the settings, config.json's content, the (line, prompt) pairs of the training and
+    evaluation files, and a note on what a resume changes."""
+    args = finalize(args)
+    prompts = numbered_prompts(args.prompt_file)
+    eval_prompts = numbered_prompts(args.eval_prompt_file, "--eval-prompt-file") if args.eval_prompt_file else []
+    check_writable(args.out)
+    config = run_config(args, [prompt for _, prompt in prompts])
+    note = check_out(args, config)
+    check_models(args)
+    return args, config, prompts, eval_prompts, note
+
+
+def resume_state(out: Path, args: Args, transformer, optimizer, ema, gen: torch.Generator) -> dict:
+    """Where the run stands: with --resume the last checkpoint, restored into the LoRA, optimizer, EMA and
+    generators, and metrics.jsonl cut back to its epochs; epoch 0 otherwise."""
+    state = load_checkpoint(out, transformer, optimizer, ema, gen) if args.resume else None
+    state = state or dict(epoch=0, metrics_rows=0, nfe=0, wall_s=0.0)
+    if rank_and_world()[0] == 0:
+        keep_metrics_rows(out / "metrics.jsonl", state["metrics_rows"])  # drop rows of epochs after the checkpoint
+    return state
 
 
 def print0(*lines: str):
@@ -1495,7 +1517,7 @@ def summary(out: Path) -> str:
 
 def resume_command(args: Args, world: int) -> str:
     """The command line that continues this run: its settings that differ from their defaults, and --resume."""
-    default = {f.name: f.default for f in fields(Args)} | (TINY if args.tiny else {}) | METHODS[args.method]
+    default = defaults(args.tiny) | METHODS[args.method]
     words = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", str(world)]
     words.append(os.path.relpath(__file__))
     for f in fields(Args):
@@ -1589,15 +1611,19 @@ def field_docs(cls) -> dict[str, str]:
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
 
 
+def defaults(tiny: bool = False) -> dict:
+    """Each setting's default: Args', or with tiny TINY's where it has one."""
+    return {f.name: f.default for f in fields(Args)} | (TINY if tiny else {})
+
+
 def parse_args(argv: list[str] | None = None) -> Args:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    docs, tiny = field_docs(Args), "--tiny" in (sys.argv[1:] if argv is None else argv)
+    docs, default = field_docs(Args), defaults("--tiny" in (sys.argv[1:] if argv is None else argv))
     for f in fields(Args):
-        default = TINY.get(f.name, f.default) if tiny else f.default
         help_text = docs[f.name] + (f" [--tiny: {TINY[f.name]}]" if f.name in TINY else "")
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        parser.add_argument("--" + f.name.replace("_", "-"), default=default, help=help_text, **kind)
+        parser.add_argument("--" + f.name.replace("_", "-"), default=default[f.name], help=help_text, **kind)
     return finalize(Args(**vars(parser.parse_args(argv))))
 
 
