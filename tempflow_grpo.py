@@ -36,7 +36,7 @@ Deliberate departures from the paper or the official code (each a flag where it 
   4. A sample with a non-finite reward is left out of its group and counted as invalid (the official code has no
      such case); zero advantages follow the official rule (SPEC 6, `trained_images`).
   5. The Flow-GRPO rollout takes the SDE at the trained steps (all but the last) and the ODE at the last.
-  6. Latents are float32 throughout; on CUDA the transformer runs under bf16 autocast, the step math in float32.
+  6. Latents are float32 throughout; a bf16 pipeline (CUDA's) runs under bf16 autocast, the step math in float32.
   7. Rewards enter the advantages as they are; the official code divides PickScore by 26 first, which only the
      1e-4 in the std's denominator notices (it weighs 26x more against the spread there).
   8. The reference epoch's 48 prompts are accumulated on one GPU, or split over torchrun's processes, where the
@@ -631,7 +631,7 @@ def ode_images(pipe, prompts: PromptEmbeds, noise: Tensor, steps: int, guidance:
     """One ODE sample per prompt (embeddings of N prompts) from its initial noise [N, C, H, W], decoded: images
     [N, 3, H, W] in [0, 1]."""
     device = pipe.transformer.device
-    with autocast(device):
+    with autocast(pipe.transformer):
         latents = ode_rollout(pipe.transformer, noise.to(device), sigma_grid(pipe.scheduler, steps), prompts, guidance,
                               max_batch=max_batch)
         return torch.cat([decode_latents(pipe, z) for z in latents.split(max_batch)])
@@ -1248,13 +1248,13 @@ def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, caption
     chunks of --max-batch; returns the rollout on the CPU without its latents, the scores [M] and the images that
     `shown` [>= M] marks for the grid."""
     device = pipe.transformer.device
-    with timer("sample_s"), autocast(device):
+    with timer("sample_s"), autocast(pipe.transformer):
         out = rollout(pipe.transformer, noise.to(device), prompts, sigmas, branch_steps,
                       args.branches if args.rollout == "branch" else 0, args.noise_level, args.guidance,
                       args.max_batch, gen)
     image_captions = [captions[n] for n in out.image_noise.tolist()]
     scores, kept = [], []
-    with timer("score_s"), autocast(device), placed(reward_fn.models, device, args.offload_reward):
+    with timer("score_s"), autocast(pipe.transformer), placed(reward_fn.models, device, args.offload_reward):
         for j in range(0, len(out.latents), args.max_batch):
             images = decode_latents(pipe, out.latents[j:j + args.max_batch])  # [<= max_batch, 3, H, W]
             scores.append(reward_fn(images, image_captions[j:j + args.max_batch]))
@@ -1270,12 +1270,12 @@ def transition_loss(transformer, batch: Batch, rows: Tensor, embeds: PromptEmbed
     device = transformer.device  # the transitions wait on the CPU; a micro-batch comes over to be trained
     x, y, k = batch.x[rows].to(device), batch.y[rows].to(device), batch.step[rows].to(device)
     prompts, sigma = embeds.take(batch.prompt[rows].to(device)), sigmas.to(device)[k]
-    with autocast(x.device):
+    with autocast(transformer):
         v = cfg_velocity(transformer, x, sigma, prompts, args.guidance)
     _, log_prob, mean, std = sde_step(x, v, sigmas, k, args.noise_level, prev_sample=y)
     ref_mean = mean.detach()
     if args.beta > 0:
-        with torch.no_grad(), lora_disabled(transformer), autocast(x.device):
+        with torch.no_grad(), lora_disabled(transformer), autocast(transformer):
             v_ref = cfg_velocity(transformer, x, sigma, prompts, args.guidance)
         ref_mean = sde_step(x, v_ref, sigmas, k, args.noise_level, prev_sample=y)[2]
     return grpo_loss(log_prob, batch.log_prob[rows].to(device), batch.advantage[rows].to(device),
@@ -1323,9 +1323,12 @@ def update(transformer, params, optimizer, batch: Batch, embeds: PromptEmbeds, s
     return totals
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (the step math casts back to float32); nothing on the CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(transformer):
+    """Autocast to the transformer's dtype when it is below float32, on any device: a bf16 pipeline (CUDA's) runs
+    its matmuls in bf16 and its norms and softmax in float32, the LoRA stays float32 and the step math casts back
+    to float32; a float32 pipeline (the CPU's default) runs as it is."""
+    dtype = transformer.dtype
+    return torch.autocast(transformer.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def setup(args: Args, device: torch.device) -> tuple:

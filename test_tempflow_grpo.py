@@ -811,6 +811,36 @@ def test_exported_lora_reproduces_the_trained_model():
     assert torch.allclose(sample(fresh), sample(trained), atol=1e-5)
 
 
+def test_a_bf16_pipeline_runs_cudas_dtype_path_on_the_cpu(random_model, prompt_file, tmp_path, monkeypatch):
+    """A pipeline loaded in bf16 trains as on CUDA: under autocast, which follows the pipeline's dtype, every
+    linear layer of the transformer, the float32 LoRA's included, computes in bf16 (CPU autocast leaves layer norms
+    and softmax in bf16 where CUDA's computes them in float32); the LoRA and its gradients are float32 and finite,
+    the first pass has ratio 1 and KL 0 (one optimizer step: every transition is scored by the sampling policy,
+    B = 0), and the exported LoRA loads."""
+    load, setup, seen = tg.load_pipeline, tg.setup, dict(outputs=set(), params=set(), grads=[])
+    monkeypatch.setattr(tg, "load_pipeline", lambda model, dtype=None: load(model, torch.bfloat16))
+
+    def watched_setup(args, device):
+        pipe, params, *rest = setup(args, device)
+        for module in pipe.transformer.modules():
+            if type(module) is torch.nn.Linear:
+                module.register_forward_hook(lambda m, i, out: seen["outputs"].add(out.dtype))
+        for p in params:
+            seen["params"].add(p.dtype)
+            p.register_post_accumulate_grad_hook(lambda p: seen["grads"].append((p.grad.dtype, p.grad.isfinite())))
+        return pipe, params, *rest
+    monkeypatch.setattr(tg, "setup", watched_setup)
+    row = tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "1", "--optimizer-steps", "1",
+                              "--beta", "0.004"))[0]
+    assert seen["outputs"] == {torch.bfloat16} and seen["params"] == {torch.float32}
+    assert seen["grads"] and all(dtype == torch.float32 and finite.all() for dtype, finite in seen["grads"])
+    assert abs(row["ratio_mean"] - 1) < 1e-6 and row["kl"] == 0 and math.isfinite(row["loss"])
+    fresh = load(random_model, torch.bfloat16)
+    fresh.load_lora_weights(tmp_path / "lora")
+    loaded = {name: p for name, p in fresh.transformer.named_parameters() if "lora_" in name}
+    assert len(loaded) == len(exported_lora(tmp_path)) > 0
+
+
 def test_non_finite_loss_skips_the_update(lora_pipe):
     """A NaN in the loss skips that optimizer step: the weights stay as they were and the skip is counted."""
     pipe, params = lora_pipe

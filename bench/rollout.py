@@ -75,7 +75,7 @@ def run_variant(arch: str, resolution: int, variant: str, max_batch: int, repeat
     transformer, prompts, noise, sigmas, device = setup(arch, resolution, seeds * (6 if variant == "sde" else 1),
                                                         reduced)
     branch_steps, cost = list(range(9)), tg.Cost(transformer)
-    autocast = tg.autocast(device)
+    autocast = tg.autocast(transformer)
     with torch.no_grad(), autocast:
         tg.cfg_velocity(transformer, noise[:1], sigmas[:1], prompts.take([0]), 4.5)  # warm-up
     if device.type == "cuda":
