@@ -1355,8 +1355,72 @@ def test_gpu_script_dry_run_measures_every_cap_and_the_rollout(tmp_path):
     caps = [row for row in rows if row[0].strip().endswith("GB")]
     assert [row[0].strip() for row in caps] == ["80 GB", "48 GB", "24 GB"]
     assert all(float(row[5]) > 0 for row in caps), caps  # train seconds: the epoch ran under every cap
+    assert all(float(row[2].split("/")[-1]) > 0 for row in caps)  # bench/plan.py's prediction beside
     branch = next(row for row in rows if row[0].strip() == "branch")
     assert branch[1] == branch[2]  # NFE counted == SPEC's formula
+
+def test_the_plan_counts_a_small_model_as_by_hand():
+    """bench/plan.py's meter, on the meta device under CUDA's autocast rules, gives a count by hand. A chain of N
+    frozen bf16 linear layers, each followed by GELU, after a float32 scale that trains: at its peak (the end of
+    forward) it holds its weights and input, the N GELU inputs in bf16 (a linear layer with a frozen weight saves
+    only that weight), the last output and the float32 copy that autocast makes for the sum; its matmuls cost
+    2 B D^2 N FLOPs forward and as many backward (no weight gradients). Fused attention keeps its bf16 output and
+    float32 log-sum-exp, where the math path keeps L x L probabilities."""
+    from bench import plan
+
+    B, D, N = 64, 256, 5
+    with torch.device("meta"):
+        weights = [torch.empty(D, D, dtype=torch.bfloat16) for _ in range(N)]
+        scale, x = torch.nn.Parameter(torch.empty(D)), torch.empty(B, D)
+    with plan.metered(*weights, scale, x) as chain:
+        with plan.CudaAutocast():
+            h = x * scale
+            for w in weights:
+                h = torch.nn.functional.gelu(torch.nn.functional.linear(h, w))
+            loss = h.sum()
+        loss.backward()
+    resident = N * D * D * 2 + D * 4 + B * D * 4
+    assert chain["resident"] == resident
+    assert abs(chain["peak"] - (resident + N * B * D * 2 + B * D * 2 + B * D * 4)) <= 16  # + a scalar or two
+    assert chain["flops"] == 2 * (2 * B * D * D * N)
+    heads, L = 4, 512
+    with torch.device("meta"):
+        qkv = [torch.empty(2, heads, L, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    with plan.metered(*qkv) as fused, plan.CudaAutocast():
+        torch.nn.functional.scaled_dot_product_attention(*qkv)
+    with plan.metered(*qkv) as math_path:
+        torch.nn.functional.scaled_dot_product_attention(*qkv)
+    output_and_lse = 2 * heads * L * (64 * 2 + 4)
+    assert 0 <= fused["peak"] - fused["resident"] - output_and_lse <= 64  # + the kernel's seed and offset
+    assert math_path["peak"] - math_path["resident"] > 2 * heads * L * L * 2
+
+
+def test_the_plan_of_the_reduced_pipeline_moves_as_it_must(capsys):
+    """bench/plan.py on SD3.5-M's miniature: a training micro-batch of more latents takes more memory, gradient
+    checkpointing less; offloading the text encoders lowers what sampling sits on, not what encoding needs; the
+    command line prints every phase. It replaces a private part of torch's MemTracker and FlopCounterMode (their
+    module trackers): this fails loudly when torch moves it."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench import plan
+
+    assert hasattr(MemTracker(), "_mod_tracker") and hasattr(FlopCounterMode(), "mod_tracker"), \
+        "torch moved the module trackers that bench/plan.py replaces (NoModules)"
+
+    def phases(*flags):
+        return plan.plan(plan.parse(["--resolution", "64", *flags]), reduced=True)["phases"]
+    base, more = phases("--train-batch", "2"), phases("--train-batch", "8")
+    checkpointed = phases("--train-batch", "8", "--gradient-checkpointing")
+    offloaded = phases("--train-batch", "2", "--offload-text-encoders")
+    assert more["train"]["peak"] > base["train"]["peak"] > 0
+    assert checkpointed["train"]["peak"] < more["train"]["peak"]
+    assert offloaded["sample"]["resident"] < base["sample"]["resident"]
+    assert offloaded["encode"]["resident"] == base["encode"]["resident"]
+    plan.main(["--reduced", "--resolution", "64"])
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in plan.PHASES.values()) and "run's peak" in printed
+
 
 # ---------------------------------------------------------------- the tiny world
 

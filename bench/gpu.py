@@ -8,7 +8,7 @@
 2. One epoch of the real loop, `tempflow_grpo.train` as the command line runs it (1 prompt x 4 seeds, T = 10,
    B = 0..8, G = 6, PickScore's size), under three memory caps set with torch.cuda.set_per_process_memory_fraction,
    each with its own flags and in a fresh process: the seconds spent sampling, decoding and scoring, and training,
-   and the epoch's peak memory (torch.cuda.max_memory_allocated).
+   and the epoch's peak memory (torch.cuda.max_memory_allocated) beside bench/plan.py's prediction of it.
 3. From those, the reference epoch's time (48 prompts: the epoch grows linearly with its prompts) and a 1000-epoch
    run's GPU-hours, all written to bench/results/gpu.md (rewritten after every step, so a run cut short still
    leaves what it measured).
@@ -30,12 +30,12 @@ sys.path.insert(0, str(ROOT))
 import tempflow_grpo as tg  # noqa: E402
 from bench import sd35m  # noqa: E402
 
-# Each cap's flags: what the card needs to hold the reference epoch's work, the cheapest levers first.
+# Each cap's flags: the cheapest levers that bench/plan.py predicts to hold the reference epoch with 2 GiB to spare
 CAPS = {
     80: ["--max-batch", "32", "--train-batch", "8"],
-    48: ["--max-batch", "16", "--train-batch", "4", "--gradient-checkpointing", "--offload-text-encoders"],
-    24: ["--max-batch", "8", "--train-batch", "2", "--gradient-checkpointing", "--offload-text-encoders",
-         "--offload-reward", "--reward-dtype", "bfloat16"],
+    48: ["--max-batch", "32", "--train-batch", "8", "--offload-text-encoders"],
+    24: ["--max-batch", "8", "--train-batch", "4", "--offload-text-encoders", "--offload-reward", "--reward-dtype",
+         "bfloat16"],
 }
 PROMPT = "two red circles on the left of a blue square"
 # --dry-run: the reduced models, small images and a short epoch, to check the script end to end in seconds
@@ -78,10 +78,19 @@ def in_fresh_process(cap_gb: int, folder: Path, dry_run: bool, timeout: float) -
     return json.loads(result.read_text())
 
 
+def predicted_peak(cap_gb: int, dry_run: bool) -> float:
+    """bench/plan.py's peak in GiB for the epoch a cap runs (its training phases: no evaluation runs here)."""
+    from bench import plan
+
+    args = plan.parse(["--prompts-per-epoch", "1", *(DRY_RUN if dry_run else []), *CAPS[cap_gb]])
+    phases = plan.plan(args, reduced=dry_run)["phases"]
+    return max(phase["peak"] for name, phase in phases.items() if name != "evaluate") / plan.GiB
+
+
 def cap_rows(results: list[dict]) -> list[str]:
     """The table: per cap its flags, peak memory and seconds, and the reference epoch and run they imply."""
-    lines = ["| cap | flags | peak GB | sample s | decode + score s | train s | reference epoch (48 prompts) | "
-             f"{RUN_EPOCHS} epochs |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| cap | flags | peak GiB, measured / predicted (bench/plan.py) | sample s | decode + score s | train s | "
+             f"reference epoch (48 prompts) | {RUN_EPOCHS} epochs |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         flags = " ".join(r["flags"])
         if "error" in r:
@@ -89,7 +98,7 @@ def cap_rows(results: list[dict]) -> list[str]:
             continue
         epoch_s = r.get("sample_s", 0) + r.get("score_s", 0) + r.get("train_s", 0)
         reference = REFERENCE_PROMPTS * epoch_s
-        peak = f"{r['peak_gb']:.1f}" if "peak_gb" in r else "n/a (CPU)"
+        peak = (f"{r['peak_gb']:.2f}" if "peak_gb" in r else "n/a (CPU)") + f" / {r.get('predicted_gb', 0):.2f}"
         lines.append(f"| {r['cap_gb']} GB | `{flags}` | {peak} | {r.get('sample_s', 0):.1f} | {r.get('score_s', 0):.1f} "
                      f"| {r.get('train_s', 0):.1f} | {reference / 60:.1f} min | "
                      f"{reference * RUN_EPOCHS / 3600:.0f} GPU-hours |")
@@ -142,6 +151,7 @@ def main():
     report(args.out, rollout_md, results, args.dry_run)
     for cap in map(int, args.caps.split(",")):
         results.append(in_fresh_process(cap, args.folder, args.dry_run, args.timeout))
+        results[-1]["predicted_gb"] = predicted_peak(cap, args.dry_run)
         report(args.out, rollout_md, results, args.dry_run)
         print(cap_rows(results)[-1], flush=True)
     print(args.out.read_text())
