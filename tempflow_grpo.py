@@ -1325,8 +1325,8 @@ def update(transformer, params, optimizer, batch: Batch, embeds: PromptEmbeds, s
 
 def autocast(transformer):
     """Autocast to the transformer's dtype when it is below float32, on any device: a bf16 pipeline (CUDA's) runs
-    its matmuls in bf16 and its norms and softmax in float32, the LoRA stays float32 and the step math casts back
-    to float32; a float32 pipeline (the CPU's default) runs as it is."""
+    its matmuls in bf16 (on CUDA its norms and softmax in float32), the LoRA stays float32 and the step math casts
+    back to float32; a float32 pipeline (the CPU's default) runs as it is."""
     dtype = transformer.dtype
     return torch.autocast(transformer.device.type, dtype=dtype, enabled=dtype != torch.float32)
 

@@ -83,8 +83,7 @@ def predicted_peak(cap_gb: int, dry_run: bool) -> float:
     from bench import plan
 
     args = plan.parse(["--prompts-per-epoch", "1", *(DRY_RUN if dry_run else []), *CAPS[cap_gb]])
-    phases = plan.plan(args, reduced=dry_run)["phases"]
-    return max(phase["peak"] for name, phase in phases.items() if name != "evaluate") / plan.GiB
+    return plan.run_peak(plan.plan(args, reduced=dry_run), skip=("evaluate",))
 
 
 def cap_rows(results: list[dict]) -> list[str]:

@@ -32,11 +32,9 @@ caching allocator's fragmentation and the CUDA context (about 0.5 GB) come on to
 fraction of each card's datasheet bf16 peak: an assumption until bench/gpu.py measures it.
 """
 import argparse
-import math
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -51,10 +49,9 @@ import tempflow_grpo as tg  # noqa: E402
 from bench import sd35m  # noqa: E402
 
 GiB = 2**30
-# Dense bf16 tensor-core peaks (no sparsity) in TFLOP/s, and memory in GB, from the NVIDIA datasheets:
-# H100 SXM5 and H200 SXM (Hopper), A100 SXM4 80 GB, L40S, GeForce RTX 4090 (with FP32 accumulation)
-CARDS = {"H100 SXM": (989, 80), "H200 SXM": (989, 141), "A100 80GB": (312, 80), "L40S": (362, 48),
-         "RTX 4090": (165, 24)}
+# Dense bf16 tensor-core peaks (no sparsity) in TFLOP/s, from the NVIDIA datasheets: H100 SXM5 and H200 SXM
+# (Hopper), A100 SXM4 80 GB, L40S, GeForce RTX 4090 (with FP32 accumulation)
+CARDS = {"H100 SXM": 989, "H200 SXM": 989, "A100 80GB": 312, "L40S": 362, "RTX 4090": 165}
 UTILISATION = 0.4  # the fraction of the peak the time assumes
 PAPER_EPOCHS = 1000
 # =====================================================================================================
@@ -235,7 +232,7 @@ class Measured:
     shape, so that the peak of a call lands on top of whatever the caller holds at that moment."""
 
     def __init__(self, transformer, working: int):
-        self.transformer, self.working = transformer, working
+        self.working = working
         self.dtype, self.device, self.config = transformer.dtype, transformer.device, transformer.config
 
     def __call__(self, hidden_states, **kwargs):
@@ -351,9 +348,14 @@ def epoch_flops(args: tg.Args, result: dict) -> dict[str, float]:
             "score": size["images"] * phases["score"]["flops"], "train": size["transitions"] * phases["train"]["flops"]}
 
 
-def run_peak(result: dict) -> float:
-    """The run's predicted peak in GiB: its largest phase."""
-    return max(phase["peak"] for phase in result["phases"].values()) / GiB
+def run_peak(result: dict, skip: tuple[str, ...] = ()) -> float:
+    """The run's predicted peak in GiB: its largest phase (of those not skipped)."""
+    return max(phase["peak"] for name, phase in result["phases"].items() if name not in skip) / GiB
+
+
+def card_times(flops: float) -> list[tuple[str, int, float]]:
+    """(card, bf16 TFLOP/s, seconds) for `flops` at UTILISATION of each card's peak."""
+    return [(card, tflops, flops / (tflops * 1e12 * UTILISATION)) for card, tflops in CARDS.items()]
 
 
 def parse(flags: list[str], prompt_file: Path = ROOT / "bench" / "prompts.txt") -> tg.Args:
@@ -373,8 +375,7 @@ def describe(args: tg.Args, result: dict) -> list[str]:
     lines += [f"run's peak: {run_peak(result):.1f} GiB (tensors; the CUDA context and fragmentation come on top)",
               f"epoch: {total / 1e15:,.0f} PFLOP (" + ", ".join(f"{WORK[k]} {v / 1e15:,.1f}" for k, v in
                                                            flops.items()) + ")"]
-    for card, (tflops, _) in CARDS.items():
-        seconds = total / (tflops * 1e12 * UTILISATION)
+    for card, tflops, seconds in card_times(total):
         lines.append(f"  {card:<10} {seconds / 60:6.1f} min an epoch at {UTILISATION:.0%} of {tflops} TFLOP/s; "
                      f"{PAPER_EPOCHS} epochs {seconds * PAPER_EPOCHS / 3600:,.0f} GPU-hours")
     return lines
@@ -425,8 +426,7 @@ def write_report(path: Path, reduced: bool = False, sweep=(2, 4, 8, 16, 32)) -> 
               "", f"Time at {UTILISATION:.0%} of each card's dense bf16 peak (NVIDIA datasheets; the utilisation is "
               "an assumption until `bench/gpu.py` measures it):", "",
               f"| card | bf16 TFLOP/s | epoch | {PAPER_EPOCHS} epochs |", "| --- | --- | --- | --- |"]
-    for card, (tflops, _) in CARDS.items():
-        seconds = total / (tflops * 1e12 * UTILISATION)
+    for card, tflops, seconds in card_times(total):
         lines.append(f"| {card} | {tflops} | {seconds / 60:.1f} min | {seconds * PAPER_EPOCHS / 3600:,.0f} "
                      f"GPU-hours |")
     text = "\n".join(lines) + "\n"
