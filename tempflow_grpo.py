@@ -131,6 +131,13 @@ class Args:
     P*S*|B|*G branch images (branch) or P*S*G images (sde)"""
     noise_level: float = 0.7
     """a, the SDE noise level (paper: 0.7)"""
+    sampler: str = "sde"
+    """the stochastic step of rollout and training: sde, Flow-GRPO's reverse SDE (the paper's); cps,
+    coefficients-preserving sampling (arXiv 2509.05952; README.md, "Samplers and cheaper branches"): std_k = s_{k+1}
+    sin(a pi / 2) with a in (0, 1]; the log-probs, the KL and the noise-aware weights follow it"""
+    finish_steps: int = 0
+    """F: each branch is finished by at most F ODE steps over its remaining grid, ending at s = 0 (0: every step
+    left, the paper's); cheaper branches, the same trained steps (--rollout branch only)"""
     guidance: float = 4.5
     """g, classifier-free guidance in rollout and training (paper: 4.5)"""
     resolution: int = 512
@@ -240,20 +247,39 @@ def _per_sample(t: Tensor) -> Tensor:
     return t.view(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1], to broadcast over a latent
 
 
-def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, noise_level: float, prev_sample: Tensor | None = None,
-             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One step of Flow-GRPO's reverse SDE from s_i to s_{i+1}, and the policy's log-density of its result.
+def transition_std(sigmas: Tensor, i: Tensor, noise_level: float, sampler: str = "sde") -> Tensor:
+    """std_i of one stochastic step from s_i to s_{i+1}: the SDE's sigma_i sqrt(-dt_i), or CPS's."""
+    if sampler == "cps":
+        # std_i = s_{i+1} sin(a pi / 2)   (CPS, arXiv 2509.05952)
+        return sigmas[i + 1] * math.sin(noise_level * math.pi / 2)
+    return sde_scale(sigmas, i, noise_level)[1]
 
+
+def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, noise_level: float, prev_sample: Tensor | None = None,
+             generator: torch.Generator | None = None, sampler: str = "sde") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One stochastic step from s_i to s_{i+1}, and the policy's log-density of its result.
+
+    sampler "sde": Flow-GRPO's reverse SDE (Euler-Maruyama), the paper's. "cps": coefficients-preserving sampling
+    (arXiv 2509.05952), a DDIM-like step whose noise coefficients add in quadrature to s_{i+1}, so that exact
+    predictions land on the flow's marginal; its std is 0 at the last step (s_T = 0), which is the ODE's.
     x, v: [B, C, H, W] latent and velocity (any float dtype; the math runs in float32). i: int or LongTensor[B],
     so a batch may mix grid indices. With prev_sample given, that sample is only scored.
     Returns prev_sample [B, C, H, W], log_prob [B] (averaged over C*H*W), mean [B, C, H, W], std [B].
+    Departure: Flow-GRPO's cps code drops the Gaussian's 1 / (2 std_i^2) and -log std_i, so its log-ratios are
+    2 std_i^2 times these and its clip range means another thing at every step; here both samplers use the density.
     """
     x, v, sigmas = x.float(), v.float(), sigmas.to(x.device, torch.float32)
     i = _as_index(i, x.shape[0], x.device)
     s, dt = map(_per_sample, grid_step(sigmas, i))
-    sigma, std = map(_per_sample, sde_scale(sigmas, i, noise_level))
-    # mean_i = x_i + [v + sigma_i^2 / (2 s_i) (x_i + (1 - s_i) v)] dt_i   (drift plus the score correction)
-    mean = x + (v + sigma**2 / (2 * s) * (x + (1 - s) * v)) * dt
+    std = _per_sample(transition_std(sigmas, i, noise_level, sampler))
+    if sampler == "cps":
+        # mean_i = (1 - s_{i+1}) x0_hat + sqrt(s_{i+1}^2 - std_i^2) x1_hat, with x0_hat = x_i - s_i v the predicted
+        # image and x1_hat = x_i + (1 - s_i) v the predicted noise; the square root is s_{i+1} cos(a pi / 2)
+        mean = (1 - s - dt) * (x - s * v) + (s + dt) * math.cos(noise_level * math.pi / 2) * (x + (1 - s) * v)
+    else:
+        sigma = _per_sample(sde_scale(sigmas, i, noise_level)[0])
+        # mean_i = x_i + [v + sigma_i^2 / (2 s_i) (x_i + (1 - s_i) v)] dt_i   (drift plus the score correction)
+        mean = x + (v + sigma**2 / (2 * s) * (x + (1 - s) * v)) * dt
     if prev_sample is None:
         eps = torch.randn(x.shape, generator=generator, device=x.device)
         # x_{i+1} = mean_i + std_i eps, eps ~ N(0, I)
@@ -265,12 +291,14 @@ def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, noise_level: float, prev_s
     return prev_sample, log_prob, mean, std.flatten()
 
 
-def ode_step(x: Tensor, v: Tensor, sigmas: Tensor, i) -> Tensor:
-    """One Euler step of the probability-flow ODE from s_i to s_{i+1}; i is an int or a LongTensor[B]."""
+def ode_step(x: Tensor, v: Tensor, sigmas: Tensor, i, j=None) -> Tensor:
+    """One Euler step of the probability-flow ODE from s_i to s_j, j = i + 1 unless given (a coarse branch finish
+    jumps further); i and j are ints or LongTensor[B]."""
     x, v, sigmas = x.float(), v.float(), sigmas.to(x.device, torch.float32)
-    dt = _per_sample(grid_step(sigmas, _as_index(i, x.shape[0], x.device))[1])
-    # x_{i+1} = x_i + dt_i v
-    return x + dt * v
+    i = _as_index(i, x.shape[0], x.device)
+    j = i + 1 if j is None else _as_index(j, x.shape[0], x.device)
+    # x_j = x_i + (s_j - s_i) v
+    return x + _per_sample(sigmas[j] - sigmas[i]) * v
 
 
 class PromptEmbeds(NamedTuple):
@@ -326,11 +354,19 @@ def parse_branch_steps(text: str, steps: int) -> list[int]:
     return sorted(picked)
 
 
-def noise_aware_weights(sigmas: Tensor, noise_level: float, steps) -> Tensor:
-    """w_k for the trained steps k: proportional to the SDE std of step k, mean exactly 1 over the steps."""
-    _, std = sde_scale(sigmas.double(), torch.as_tensor(steps, dtype=torch.long), noise_level)
+def noise_aware_weights(sigmas: Tensor, noise_level: float, steps, sampler: str = "sde") -> Tensor:
+    """w_k for the trained steps k: proportional to the sampler's std of step k, mean exactly 1 over the steps."""
+    std = transition_std(sigmas.double(), torch.as_tensor(steps, dtype=torch.long), noise_level, sampler)
     # w_k = std_k / mean_{j in B} std_j   (the noise level a cancels; the grid alone decides)
     return (std / std.mean()).float()  # [len(steps)]
+
+
+def finish_grid(k: int, steps: int, finish_steps: int = 0) -> list[int]:
+    """The grid indices a branch born at step k visits on its way to s_T = 0: all of k+1..T, or with finish_steps
+    F below the T - 1 - k steps left, F + 1 of them spread evenly over k+1..T (both ends kept, rounded)."""
+    if not finish_steps or finish_steps >= steps - 1 - k:
+        return list(range(k + 1, steps + 1))
+    return torch.linspace(k + 1, steps, finish_steps + 1).round().long().tolist()
 
 
 # =====================================================================================================
@@ -372,34 +408,47 @@ class Rollout(NamedTuple):
 
 @torch.no_grad()
 def rollout(transformer, noise: Tensor, prompts: PromptEmbeds, sigmas: Tensor, branch_steps: list[int],
-            branches: int, noise_level: float, guidance: float, max_batch: int,
-            generator: torch.Generator) -> Rollout:
-    """Sample from N initial noises [N, C, H, W] (prompts: N rows), recording every SDE transition.
+            branches: int, noise_level: float, guidance: float, max_batch: int, generator: torch.Generator,
+            sampler: str = "sde", finish_steps: int = 0) -> Rollout:
+    """Sample from N initial noises [N, C, H, W] (prompts: N rows), recording every stochastic transition.
 
-    branches > 0, TempFlow (SPEC 3): each row is an ODE trunk; at each branch step k it forks `branches` SDE
-    children y_{k,g} ~ N(mean_k, std_k^2), each finished by the ODE. Trunks stop after the last branch step.
-    branches = 0, Flow-GRPO (SPEC 7): each row takes the SDE at the branch steps and the ODE elsewhere.
-    All live rows sit at the same grid index, so the rollout is T batched transformer calls (chunked by max_batch).
+    branches > 0, TempFlow (SPEC 3): each row is an ODE trunk; at each branch step k it forks `branches` children
+    y_{k,g} ~ N(mean_k, std_k^2) by sde_step's sampler, each finished by the ODE over finish_grid(k, T,
+    finish_steps). Trunks stop after the last branch step.
+    branches = 0, Flow-GRPO (SPEC 7): each row takes the stochastic step at the branch steps, the ODE elsewhere.
+    All live rows sit at one grid index (a branch finishing coarsely skips the indices off its path), so the
+    rollout is at most T batched transformer calls (chunked by max_batch).
     """
+    steps = len(sigmas) - 1
     trunk, trunk_id = noise.float(), torch.arange(len(noise), device=noise.device)  # [N, C, H, W], [N]
-    leaves, leaf_id = trunk[:0], trunk_id[:0]  # finished-by-ODE branches and the trunk each grew from
+    # finished-by-ODE branches, the trunk each grew from and (on the CPU) the step k it was born at
+    leaves, leaf_id, leaf_born = trunk[:0], trunk_id[:0], torch.zeros(0, dtype=torch.long)
+    hop = torch.zeros(steps, steps + 1, dtype=torch.long)
+    for k in branch_steps:  # hop[k, i]: the grid index a branch born at k steps to from s_i; 0 off its path
+        path = finish_grid(k, steps, finish_steps)
+        hop[k, path[:-1]] = torch.tensor(path[1:])
     records, last = [], max(branch_steps)
-    for i in range(len(sigmas) - 1):
+    for i in range(steps):
         if branches and i > last:
             trunk, trunk_id = trunk[:0], trunk_id[:0]  # no branch left to spawn: the trunk's work is done
-        x, rows = torch.cat([trunk, leaves]), torch.cat([trunk_id, leaf_id])
+        to = hop[leaf_born, i]
+        due = (to > 0).nonzero().flatten()  # the leaves whose path has a step from s_i
+        x, rows = torch.cat([trunk, leaves[due]]), torch.cat([trunk_id, leaf_id[due]])
+        if not len(x):
+            continue
         v = velocity(transformer, x, sigmas[i].expand(len(x)).to(x.device), prompts, rows, guidance, max_batch)
         v_trunk, v_leaves = v[:len(trunk)], v[len(trunk):]
-        leaves = ode_step(leaves, v_leaves, sigmas, i)
+        leaves[due] = ode_step(leaves[due], v_leaves, sigmas, i, to[due])
         if i in branch_steps and branches:
             x_k, parent = trunk.repeat_interleave(branches, 0), trunk_id.repeat_interleave(branches)
             y, log_prob, _, _ = sde_step(x_k, v_trunk.repeat_interleave(branches, 0), sigmas, i, noise_level,
-                                         generator=generator)
+                                         generator=generator, sampler=sampler)
             records.append((x_k, y, log_prob, i, len(leaves) + torch.arange(len(y), device=y.device)))
             leaves, leaf_id = torch.cat([leaves, y]), torch.cat([leaf_id, parent])
+            leaf_born = torch.cat([leaf_born, torch.full((len(y),), i)])
             trunk = ode_step(trunk, v_trunk, sigmas, i)
         elif i in branch_steps:
-            y, log_prob, _, _ = sde_step(trunk, v_trunk, sigmas, i, noise_level, generator=generator)
+            y, log_prob, _, _ = sde_step(trunk, v_trunk, sigmas, i, noise_level, generator=generator, sampler=sampler)
             records.append((trunk, y, log_prob, i, trunk_id))
             trunk = y
         else:
@@ -414,13 +463,15 @@ def rollout(transformer, noise: Tensor, prompts: PromptEmbeds, sigmas: Tensor, b
                    torch.cat(image))
 
 
-def rollout_nfe(rollout: str, steps: int, branch_steps: list[int], branches: int, guidance: float) -> int:
+def rollout_nfe(rollout: str, steps: int, branch_steps: list[int], branches: int, guidance: float,
+                finish_steps: int = 0) -> int:
     """Transformer evaluations of one latent per initial noise (SPEC 3), CFG's halves counted."""
     halves = cfg_copies(guidance)
     if rollout == "sde":
         return halves * steps
-    # max(B) + 1 for the trunk, plus G (T - 1 - k) for the branches of every k in B
-    return halves * (max(branch_steps) + 1 + branches * sum(steps - 1 - k for k in branch_steps))
+    # max(B) + 1 for the trunk, plus G min(F, T - 1 - k) for the branches of every k in B (F = 0: all T - 1 - k)
+    finish = [len(finish_grid(k, steps, finish_steps)) - 1 for k in branch_steps]
+    return halves * (max(branch_steps) + 1 + branches * sum(finish))
 
 
 # =====================================================================================================
@@ -1251,7 +1302,7 @@ def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, caption
     with timer("sample_s"), autocast(pipe.transformer):
         out = rollout(pipe.transformer, noise.to(device), prompts, sigmas, branch_steps,
                       args.branches if args.rollout == "branch" else 0, args.noise_level, args.guidance,
-                      args.max_batch, gen)
+                      args.max_batch, gen, args.sampler, args.finish_steps)
     image_captions = [captions[n] for n in out.image_noise.tolist()]
     scores, kept = [], []
     with timer("score_s"), autocast(pipe.transformer), placed(reward_fn.models, device, args.offload_reward):
@@ -1272,12 +1323,12 @@ def transition_loss(transformer, batch: Batch, rows: Tensor, embeds: PromptEmbed
     prompts, sigma = embeds.take(batch.prompt[rows].to(device)), sigmas.to(device)[k]
     with autocast(transformer):
         v = cfg_velocity(transformer, x, sigma, prompts, args.guidance)
-    _, log_prob, mean, std = sde_step(x, v, sigmas, k, args.noise_level, prev_sample=y)
+    _, log_prob, mean, std = sde_step(x, v, sigmas, k, args.noise_level, prev_sample=y, sampler=args.sampler)
     ref_mean = mean.detach()
     if args.beta > 0:
         with torch.no_grad(), lora_disabled(transformer), autocast(transformer):
             v_ref = cfg_velocity(transformer, x, sigma, prompts, args.guidance)
-        ref_mean = sde_step(x, v_ref, sigmas, k, args.noise_level, prev_sample=y)[2]
+        ref_mean = sde_step(x, v_ref, sigmas, k, args.noise_level, prev_sample=y, sampler=args.sampler)[2]
     return grpo_loss(log_prob, batch.log_prob[rows].to(device), batch.advantage[rows].to(device),
                      step_weight.to(device)[k], mean, ref_mean, std, args.clip_range, args.beta)
 
@@ -1356,7 +1407,8 @@ def epoch_size(args: Args, branch_steps: list[int]) -> dict:
     trunks = args.prompts_per_epoch * args.seeds_per_prompt * (1 if args.rollout == "branch" else args.branches)
     images = trunks * (len(branch_steps) * args.branches if args.rollout == "branch" else 1)
     transitions = images * (1 if args.rollout == "branch" else len(branch_steps))
-    sampling = trunks * rollout_nfe(args.rollout, args.steps, branch_steps, args.branches, args.guidance)
+    sampling = trunks * rollout_nfe(args.rollout, args.steps, branch_steps, args.branches, args.guidance,
+                                    args.finish_steps)
     # training: the policy's forward and, with beta > 0, the base model's, CFG's halves counted
     train_nfe = transitions * cfg_copies(args.guidance) * (2 if args.beta > 0 else 1)
     return dict(trunks=trunks, images=images, transitions=transitions,
@@ -1535,7 +1587,7 @@ def step_weights(args: Args, sigmas: Tensor, branch_steps: list[int]) -> Tensor:
     """w_k by grid index k [T]: noise_aware_weights at the trained steps with --weighting noise, else 1."""
     step_weight = torch.ones(args.steps)
     if args.weighting == "noise":
-        step_weight[branch_steps] = noise_aware_weights(sigmas.cpu(), args.noise_level, branch_steps)
+        step_weight[branch_steps] = noise_aware_weights(sigmas.cpu(), args.noise_level, branch_steps, args.sampler)
     return step_weight
 
 
@@ -1641,7 +1693,7 @@ def finalize(args: Args) -> Args:
         setattr(args, key, getattr(args, key) or value)
     for flag, value, choices in (("rollout", args.rollout, "branch sde"), ("group", args.group, "seed prompt"),
                                  ("weighting", args.weighting, "noise uniform"),
-                                 ("adv_std", args.adv_std, "group global")):
+                                 ("adv_std", args.adv_std, "group global"), ("sampler", args.sampler, "sde cps")):
         check(value in choices.split(), f"--{flag.replace('_', '-')} {value!r} is unknown; choose one of "
               f"{choices.replace(' ', ', ')}")
     read_prompts(args.prompt_file)
@@ -1662,6 +1714,11 @@ def finalize(args: Args) -> Args:
           f"{args.seeds_per_prompt} make groups of {group}; advantages need at least 2 samples per group")
     check(args.shift >= 0, f"--shift {args.shift}: must be positive (or 0 for the model's own)")
     check(args.noise_level > 0, f"--noise-level {args.noise_level}: must be positive (the SDE needs noise)")
+    check(args.sampler == "sde" or args.noise_level <= 1, f"--noise-level {args.noise_level}: --sampler cps needs "
+          f"0 < a <= 1 (its std is s_(k+1) sin(a pi / 2))")
+    check(args.finish_steps >= 0, f"--finish-steps {args.finish_steps}: must be 0 (the whole remaining grid) or more")
+    check(args.finish_steps == 0 or args.rollout == "branch", f"--finish-steps {args.finish_steps} needs "
+          f"--rollout branch: it shortens how branches end, and an SDE rollout has none")
     factor = resolution_factor(args.model)
     check(args.resolution > 0 and args.resolution % factor == 0,
           f"--resolution {args.resolution}: must be a positive multiple of {factor} (VAE factor x patch size)")

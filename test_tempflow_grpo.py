@@ -112,6 +112,59 @@ def test_zero_noise_level_turns_the_sde_mean_into_the_ode_step():
         assert torch.allclose(mean, tg.ode_step(x, v, sigmas, i), atol=1e-6)
 
 
+def test_cps_log_prob_is_the_gaussian_density_at_every_trained_grid_index():
+    """CPS: log_prob = Normal(mean, std).log_prob(y) averaged over C*H*W with std_i = s_{i+1} sin(a pi / 2), at every
+    grid index but the last (s_T = 0: std 0, the step is the ODE's and is never trained)."""
+    sigmas = reference_grid()
+    x, v = random_latents(3, seed=1)
+    for i in range(len(sigmas) - 2):
+        y, log_prob, mean, std = tg.sde_step(x, v, sigmas, i, 0.7, generator=torch.Generator().manual_seed(i),
+                                             sampler="cps")
+        assert torch.allclose(std, sigmas[i + 1] * math.sin(0.7 * math.pi / 2) * torch.ones(3))
+        expected = torch.distributions.Normal(mean, std.view(-1, 1, 1, 1)).log_prob(y).mean(dim=(1, 2, 3))
+        assert torch.isfinite(log_prob).all() and torch.allclose(log_prob, expected, atol=1e-5, rtol=1e-5)
+        z = (y - mean) / std.view(-1, 1, 1, 1)  # the sample is the mean plus std times a standard normal
+        assert abs(z.mean()) < 0.2 and abs(z.std() - 1) < 0.1
+
+
+def test_cps_with_zero_noise_level_is_the_ode_step():
+    """At a = 0 CPS has no noise (std 0) and its mean is ode_step's Euler update, at every grid index."""
+    sigmas = reference_grid()
+    x, v = random_latents(2, seed=4)
+    for i in range(len(sigmas) - 1):
+        y, _, mean, std = tg.sde_step(x, v, sigmas, i, 0.0, generator=torch.Generator().manual_seed(0), sampler="cps")
+        assert (std == 0).all() and torch.equal(y, mean)
+        assert torch.allclose(mean, tg.ode_step(x, v, sigmas, i), atol=1e-6)
+
+
+def step_map(sigmas, i, mu, sampler, noise_level=0.7):
+    """One step on data concentrated at mu with its exact velocity v = (x - mu) / s: y = alpha x + beta + std eps,
+    read off sde_step at x = 0 and x = 1 (the mean is linear in x)."""
+    s = sigmas[i].item()
+    x = torch.tensor([0.0, 1.0], dtype=torch.float64).view(2, 1, 1, 1)
+    _, _, mean, std = tg.sde_step(x, (x - mu) / s, sigmas, i, noise_level, prev_sample=x, sampler=sampler)
+    return (mean[1] - mean[0]).item(), mean[0].item(), std[0].item()
+
+
+def test_cps_keeps_the_flow_marginal_exactly_where_the_sde_does_so_to_first_order():
+    """For data at one point mu (a Gaussian of variance 0), x_s ~ N((1 - s) mu, s^2) and the velocity is known
+    exactly, so CPS's predicted image and noise are the true ones: one CPS step, however long, lands on the flow's
+    marginal at s_{i+1} to float32 round-off (its noise coefficients add in quadrature to s_{i+1}). The SDE's step
+    of the same length misses it by an error that shrinks like dt^2 (exact to first order only)."""
+    mu = 0.8
+
+    def error(s, ds, sampler):
+        sigmas = torch.tensor([1.0, s, s - ds, 0.0], dtype=torch.float64)
+        alpha, beta, std = step_map(sigmas, 1, mu, sampler)
+        mean, var = alpha * (1 - s) * mu + beta, alpha**2 * s**2 + std**2  # of y, for x ~ N((1 - s) mu, s^2)
+        return abs(mean - (1 - s + ds) * mu) + abs(var - (s - ds) ** 2)
+
+    for s in (0.9, 0.6, 0.3):
+        assert error(s, s / 2, "cps") < 1e-6 < 1e-2 < error(s, s / 2, "sde")  # float32 round-off against the SDE's
+        coarse, fine = error(s, 0.02, "sde"), error(s, 0.01, "sde")
+        assert coarse > 1e-6 and fine < coarse / 3, f"at s = {s}: the SDE's error {coarse:.2e} -> {fine:.2e}"
+
+
 def test_ode_step_equals_diffusers_scheduler_step(pipe):
     """ode_step is FlowMatchEulerDiscreteScheduler.step on the pipeline's own grid."""
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -316,14 +369,15 @@ def test_non_finite_component_makes_that_sample_non_finite_only(tmp_path):
 
 # ---------------------------------------------------------------- rollouts
 
-def tiny_rollout(pipe, branches, steps=6, branch_steps=(0, 2, 4), n=2, guidance=4.5, max_batch=1024, seed=0):
-    """A rollout of n initial noises of two prompts on the tiny pipeline."""
+def tiny_rollout(pipe, branches, steps=6, branch_steps=(0, 2, 4), n=2, guidance=4.5, max_batch=1024, seed=0,
+                 **options):
+    """A rollout of n initial noises of two prompts on the tiny pipeline (options: sampler, finish_steps)."""
     embeds = tg.encode_prompts(pipe, ["a red circle on the left", "two blue squares"])
     gen = torch.Generator().manual_seed(seed)
     noise = tg.initial_noise(pipe, n, 64, gen)
     sigmas = tg.sigma_grid(pipe.scheduler, steps)
     out = tg.rollout(pipe.transformer, noise, embeds.take(torch.arange(n) % 2), sigmas, list(branch_steps), branches,
-                     0.7, guidance, max_batch, gen)
+                     0.7, guidance, max_batch, gen, **options)
     return out, embeds.take(torch.arange(n) % 2), sigmas
 
 
@@ -353,23 +407,50 @@ def test_sde_rollout_records_every_branch_step_of_each_sample(pipe):
         assert not torch.equal(out.y[rows[0]], out.x[rows[1]])  # an ODE step (index 1) lies between 0 and 2
 
 
-@pytest.mark.parametrize("kind", ["branch", "sde"])
-def test_rollout_costs_spec_formula_in_t_transformer_calls(pipe, kind):
+@pytest.mark.parametrize("kind, sampler, finish", [("branch", "sde", 0), ("sde", "sde", 0), ("branch", "cps", 2),
+                                                   ("branch", "sde", 1), ("sde", "cps", 0)])
+def test_rollout_costs_spec_formula_in_t_transformer_calls(pipe, kind, sampler, finish):
     """Latents through the transformer equal SPEC's count (279 per seed for T = 10, B = 0..8, G = 6, times 2 for
-    CFG), in T calls when nothing is chunked, and in more calls, with the same count, under a small max_batch."""
+    CFG; with a finish of at most F steps, max(B) + 1 + G sum_k min(F, T - 1 - k)), in at most T calls when nothing
+    is chunked, and in more calls, with the same count, under a small max_batch."""
     branches, steps, branch_steps = (6 if kind == "branch" else 0), 10, list(range(9))
-    formula = tg.rollout_nfe(kind, steps, branch_steps, 6, 4.5)
-    assert formula == (2 * 279 if kind == "branch" else 2 * 10)
-    for max_batch, expect_calls in ((1024, steps), (2, None)):
+    formula = tg.rollout_nfe(kind, steps, branch_steps, 6, 4.5, finish)
+    by_hand = {0: 279, 1: 9 + 6 * 9, 2: 9 + 6 * (2 * 8 + 1)}[finish]
+    assert formula == (2 * by_hand if kind == "branch" else 2 * 10)
+    for max_batch, most_calls in ((1024, steps), (2, None)):
         latents = []  # one entry per transformer call
         hook = pipe.transformer.register_forward_hook(
             lambda m, a, kw, o: latents.append(len(kw["hidden_states"])), with_kwargs=True)
         try:
-            tiny_rollout(pipe, branches, steps, branch_steps, n=2, max_batch=max_batch)
+            tiny_rollout(pipe, branches, steps, branch_steps, n=2, max_batch=max_batch, sampler=sampler,
+                         finish_steps=finish)
         finally:
             hook.remove()
         assert sum(latents) == 2 * formula and max(latents) <= max_batch
-        assert len(latents) == expect_calls if expect_calls else len(latents) > steps
+        assert len(latents) == steps if most_calls else len(latents) > steps
+
+
+def test_finish_steps_change_only_how_branches_end(pipe):
+    """--finish-steps F: trunks, branch states, SDE samples and log-probs are those of the full finish, bit for bit
+    (the same draws in the same order), F = 0 and an F past every branch's remaining steps are the full finish
+    itself, and a branch born at k ends by Euler steps over the grid points F + 1 spread evenly over k+1..T."""
+    full, embeds, sigmas = tiny_rollout(pipe, branches=2, steps=8, branch_steps=(0, 3, 5))
+    for finish in (0, 7):
+        same = tiny_rollout(pipe, branches=2, steps=8, branch_steps=(0, 3, 5), finish_steps=finish)[0]
+        assert all(torch.equal(a, b) for a, b in zip(full, same))
+    coarse = tiny_rollout(pipe, branches=2, steps=8, branch_steps=(0, 3, 5), finish_steps=2)[0]
+    assert all(torch.equal(getattr(full, f), getattr(coarse, f)) for f in ("x", "y", "log_prob", "step", "image"))
+    assert tg.finish_grid(0, 8, 2) == [1, 4, 8] and tg.finish_grid(3, 8, 2) == [4, 6, 8]  # 1, 4.5, 8: to even
+    assert tg.finish_grid(5, 8, 2) == [6, 7, 8] and tg.finish_grid(5, 8, 0) == [6, 7, 8]  # 2 steps left: all of them
+    for row in ((coarse.step == 3) & (coarse.image_noise[coarse.image] == 1)).nonzero().flatten()[:1].tolist():
+        x, prompt = coarse.y[row:row + 1], embeds.take([1])
+        path = tg.finish_grid(3, 8, 2)
+        with torch.no_grad():
+            for i, j in zip(path, path[1:]):
+                v = tg.cfg_velocity(pipe.transformer, x, sigmas[i:i + 1], prompt, 4.5)
+                x = tg.ode_step(x, v, sigmas, i, j)
+        assert torch.allclose(x, coarse.latents[coarse.image[row]][None], atol=1e-5)
+        assert not torch.allclose(x, full.latents[full.image[row]][None], atol=1e-3)
 
 
 # ---------------------------------------------------------------- advantages and the loss
@@ -431,9 +512,9 @@ def lora_pipe():
     return pipe, tg.add_lora(pipe.transformer, rank=4)
 
 
-def tiny_batch(pipe, advantage):
+def tiny_batch(pipe, advantage, sampler="sde"):
     """The branch rollout's transitions as a training batch with one advantage for all."""
-    out, _, sigmas = tiny_rollout(pipe, branches=2)
+    out, _, sigmas = tiny_rollout(pipe, branches=2, sampler=sampler)
     return tg.Batch(out.x, out.y, out.log_prob, out.step, out.image_noise[out.image] % 2,
                     torch.full_like(out.log_prob, advantage)), sigmas
 
@@ -485,12 +566,13 @@ def test_ema_follows_the_official_decay_schedule():
     assert torch.equal(param.detach(), torch.full((3,), 120.0))  # the live weights are back
 
 
-def test_first_training_pass_has_ratio_one_and_zero_kl(lora_pipe):
+@pytest.mark.parametrize("sampler", ["sde", "cps"])
+def test_first_training_pass_has_ratio_one_and_zero_kl(lora_pipe, sampler):
     """Re-scoring freshly sampled transitions with the same policy gives ratio 1 and, before any update (B = 0),
-    KL 0 to the base model."""
+    KL 0 to the base model, under either sampler."""
     pipe, _ = lora_pipe
-    batch, sigmas = tiny_batch(pipe, 1.0)
-    args = tg.Args(guidance=4.5, beta=0.004)
+    batch, sigmas = tiny_batch(pipe, 1.0, sampler)
+    args = tg.Args(guidance=4.5, beta=0.004, sampler=sampler)
     embeds = tg.encode_prompts(pipe, ["a red circle on the left", "two blue squares"])
     _, stats = tg.transition_loss(pipe.transformer, batch, torch.arange(len(batch.x)), embeds, sigmas,
                                   torch.ones(6), args)
@@ -498,13 +580,13 @@ def test_first_training_pass_has_ratio_one_and_zero_kl(lora_pipe):
     assert stats["kl"] == 0
 
 
-@pytest.mark.parametrize("advantage", [1.0, -1.0])
-def test_one_update_moves_the_log_prob_with_the_advantage(lora_pipe, advantage):
+@pytest.mark.parametrize("advantage, sampler", [(1.0, "sde"), (-1.0, "sde"), (1.0, "cps"), (-1.0, "cps")])
+def test_one_update_moves_the_log_prob_with_the_advantage(lora_pipe, advantage, sampler):
     """One optimizer step on transitions with positive advantage raises their log-probability; negative lowers it."""
     pipe, params = lora_pipe
-    batch, sigmas = tiny_batch(pipe, advantage)
+    batch, sigmas = tiny_batch(pipe, advantage, sampler)
     embeds = tg.encode_prompts(pipe, ["a red circle on the left", "two blue squares"])
-    args = tg.Args(guidance=4.5, beta=0.0, clip_range=0.2, optimizer_steps=1, max_batch=1024)
+    args = tg.Args(guidance=4.5, beta=0.0, clip_range=0.2, optimizer_steps=1, max_batch=1024, sampler=sampler)
     rows = torch.arange(len(batch.x))
     optimizer = torch.optim.SGD(params, lr=1e-3)
     tg.update(pipe.transformer, params, optimizer, batch, embeds, sigmas, torch.ones(6), args, torch.Generator())
@@ -877,6 +959,10 @@ def test_cuda_out_of_memory_names_the_flags_that_fix_it(random_model, prompt_fil
     (["--branch-steps", "x"], b"a", "--branch-steps"),
     (["--steps", "1"], b"a", "--steps"),
     (["--noise-level", "0"], b"a", "--noise-level"),
+    (["--sampler", "ddim"], b"a", "--sampler"),
+    (["--sampler", "cps", "--noise-level", "1.5"], b"a", "--noise-level"),
+    (["--finish-steps", "-1"], b"a", "--finish-steps"),
+    (["--method", "flow_grpo", "--finish-steps", "2"], b"a", "--finish-steps"),
     (["--resolution", "500"], b"a", "--resolution"),
     (["--method", "ppo"], b"a", "--method"),
     (["--rollout", "sde", "--group", "seed"], b"a", "--group"),

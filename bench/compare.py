@@ -6,6 +6,7 @@
     python bench/compare.py branching    # cheaper branch-step sets                            (24 min)
     python bench/compare.py batch        # prompts per epoch                                   (25 min)
     python bench/compare.py hacking      # train on `color`, judge by geneval_toy held out     (24 min)
+    python bench/compare.py samplers     # {SDE, CPS} x branch finishes, on `color` and geneval_toy (both studies)
 
 Each -> bench/results/<study>.md and <study>.png. Each run trains the tiny world (`--tiny`) until --budget latents
 have gone through the transformer (rollouts and updates, CFG's halves counted; evaluation excluded), evaluated
@@ -62,6 +63,18 @@ def label(study: Study, key: str) -> str:
         key, key.replace("_", " "))
 
 
+def sampler_panel(*extra: str) -> dict[str, list[str]]:
+    """Flow-GRPO with the SDE (the reference) and with CPS, then TempFlow-GRPO with either sampler, each branch
+    finished on the whole remaining grid or by at most 2 or 1 ODE steps, under the extra flags."""
+    variants = {"Flow-GRPO, sde": FLOW_GRPO, "Flow-GRPO, cps": FLOW_GRPO + ["--sampler", "cps"]}
+    for sampler in ("sde", "cps"):
+        for finish in (0, 2, 1):
+            name = f"TempFlow-GRPO, {sampler}, " + (f"F = {finish}" if finish else "full finish")
+            variants[name] = TEMPFLOW + list(extra) + ["--sampler", "cps"] * (sampler == "cps") + \
+                ["--finish-steps", str(finish)] * (finish > 0)
+    return variants
+
+
 def weighting_panel(*extra: str) -> dict[str, list[str]]:
     """TempFlow-GRPO with uniform weights (the reference) and with noise-aware ones, under the extra flags."""
     return {"uniform": TEMPFLOW + UNIFORM + list(extra), "noise-aware": TEMPFLOW + list(extra)}
@@ -92,7 +105,17 @@ STUDIES = {
                      {"": {"Flow-GRPO": FLOW_GRPO, "TempFlow-GRPO": TEMPFLOW}}, prompts=TRAIN, eval_prompts=HELDOUT,
                      eval_samples=4, eval_reward="geneval_toy,color:0", budget=120_000,
                      keys=("eval_reward", "eval_color", "kl")),
+    "samplers": Study("CPS against the SDE, and branches finished by fewer ODE steps, at equal NFE, on `color`",
+                      {"branch steps 0-8": sampler_panel(), "branch steps 0-3": sampler_panel("--branch-steps", "0-3")},
+                      budget=60_000),
+    "samplers_geneval": Study("CPS against the SDE, and branches finished by fewer ODE steps, at equal NFE, on the "
+                              "GenEval-style reward, trained on 40 captions and evaluated on 16 held out",
+                              {"branch steps 0-8": sampler_panel(),
+                               "branch steps 0-3": sampler_panel("--branch-steps", "0-3")},
+                              reward="geneval_toy", prompts=TRAIN, eval_prompts=HELDOUT, eval_samples=4,
+                              budget=60_000),
 }
+ALSO = {"samplers": ["samplers_geneval"]}  # a study that runs with its twin on the other reward
 
 
 def heldout_split(per_category: int = 8, seed: int = 0):
@@ -166,7 +189,7 @@ def panel_weights(flags: list[str]) -> tuple[np.ndarray, np.ndarray]:
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(args.model, subfolder="scheduler")
     sigmas = tg.sigma_grid(scheduler, args.steps, args.shift)
     steps = tg.parse_branch_steps(args.branch_steps, args.steps)
-    return sigmas[steps].numpy(), tg.noise_aware_weights(sigmas, args.noise_level, steps).numpy()
+    return sigmas[steps].numpy(), tg.noise_aware_weights(sigmas, args.noise_level, steps, args.sampler).numpy()
 
 
 def train_and_heldout(study: Study, args) -> list[str]:
@@ -205,9 +228,10 @@ def train_and_heldout(study: Study, args) -> list[str]:
 def summarise(name: str, study: Study, args) -> list[str]:
     """Train what is missing, then the study's table (as markdown lines) and figure."""
     eval_file(study, args.runs, write=True)
-    jobs = [(flags, seed) for seed in range(args.seeds) for panel in study.panels.values() for flags in panel.values()]
+    jobs = {run_folder(study, flags, seed, args.runs): (flags, seed)  # a variant in two panels runs once
+            for seed in range(args.seeds) for panel in study.panels.values() for flags in panel.values()}
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda job: run(study, *job, args), jobs))
+        list(pool.map(lambda job: run(study, *job, args), jobs.values()))
     grid = np.linspace(0, args.budget, 101)
     curves, bases = {}, {}  # (panel, variant, key) -> gain over the base [seeds, len(grid)]; key -> base [seeds]
     samples = f"{study.eval_samples} 10-step ODE samples" if study.eval_samples > 1 else "one 10-step ODE sample"
@@ -257,6 +281,37 @@ def summarise(name: str, study: Study, args) -> list[str]:
     return lines
 
 
+def branch_images(path: Path, prompts=("a red circle on the left", "two blue squares"), steps=(0, 3, 6),
+                  branches: int = 3) -> list[str]:
+    """The trained tiny world's branches of the same prompts, initial noises and SDE/CPS draws under each sampler
+    and finish: one row per (sampler, finish, prompt), the G branches of each branch step k side by side."""
+    import torch
+
+    from reward import geneval_toy
+
+    pipe = tg.load_pipeline(str(tg.TINY_WORLD))
+    embeds, sigmas = tg.encode_prompts(pipe, list(prompts)), tg.sigma_grid(pipe.scheduler, 10)
+    noise = tg.initial_noise(pipe, len(prompts), 64, torch.Generator().manual_seed(0))
+    images, captions, lines = [], [], []
+    for sampler in ("sde", "cps"):
+        for finish in (0, 2, 1):
+            out = tg.rollout(pipe.transformer, noise, embeds, sigmas, list(steps), branches, 0.7, 4.5, 1024,
+                             torch.Generator().manual_seed(1), sampler, finish)
+            rewards = geneval_toy(tg.decode_latents(pipe, out.latents), [prompts[n] for n in out.image_noise])
+            # leaves come step by step, each trunk's branches together: order them prompt by prompt
+            order = torch.argsort(out.image_noise * 100 + out.image_step, stable=True)
+            images.append(tg.decode_latents(pipe, out.latents[order]))
+            name = f"{sampler}, " + (f"F = {finish}" if finish else "full")
+            captions += [f"{name}, k = {k}: {r:.2f}" for k, r in zip(out.image_step[order].tolist(),
+                                                                         rewards[order].tolist())]
+            lines.append(f"| {name} | {rewards.mean():.3f} |")
+    tg.save_grid(torch.cat(images), captions, path, columns=len(steps) * branches, side=96)
+    return ["", f"![branch images]({path.name}): rows {', '.join(repr(p) for p in prompts)} under each sampler "
+            f"and finish (the trained tiny world, the same initial noise and the same draws), each row the "
+            f"{branches} branches of steps k = {', '.join(map(str, steps))}, captioned with geneval_toy.", "",
+            "| sampler, finish | mean geneval_toy of these branches |", "| --- | --- |", *lines, ""]
+
+
 def plot(study: Study, curves: dict, grid: np.ndarray, path: Path):
     import matplotlib
 
@@ -299,7 +354,8 @@ def main():
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    names = list(STUDIES) if args.studies == ["all"] else args.studies
+    names = list(STUDIES) if args.studies == ["all"] else list(dict.fromkeys(
+        n for name in args.studies for n in [name, *ALSO.get(name, [])]))
     unknown = [n for n in names if n not in STUDIES]
     if unknown:
         parser.error(f"unknown study {unknown[0]!r}; choose from {', '.join(STUDIES)}, or all")
@@ -310,6 +366,8 @@ def main():
     for name in names:
         args.budget = budget or STUDIES[name].budget
         lines = summarise(name, STUDIES[name], args)
+        if name == "samplers":
+            lines += branch_images(args.results / "samplers_branches.png")
         (args.results / f"{name}.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
 

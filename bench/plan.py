@@ -282,9 +282,9 @@ def phases_of(world: World) -> dict:
     with metered(*world.resident(), embeds, epoch_noise) as phases["sample"], tg.autocast(pipe.transformer):
         out = tg.rollout(stand_in, world.noise(trunks), embeds.take(rows), world.sigmas, world.branch_steps,
                          args.branches if args.rollout == "branch" else 0, args.noise_level, args.guidance,
-                         args.max_batch, torch.Generator())
+                         args.max_batch, torch.Generator(), args.sampler, args.finish_steps)
     phases["sample"]["flops"] = tg.rollout_nfe(args.rollout, args.steps, world.branch_steps, args.branches,
-                                               args.guidance) * trunks * flops_per_latent
+                                               args.guidance, args.finish_steps) * trunks * flops_per_latent
     # decode and score one chunk of --max-batch images: every chunk holds the same, beside the same rollout
     with metered(*world.resident(scoring=True), embeds, epoch_noise, *out) as phases["score"], \
             tg.autocast(pipe.transformer):
