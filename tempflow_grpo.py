@@ -16,11 +16,12 @@ Notation (code -> paper):
     sigmas[i]         s_i, noise level of grid index i; s_0 = 1 (noise) > ... > s_T = 0 (image)
     dt                dt_i = s_{i+1} - s_i < 0
     noise_level       a, SDE noise level; sigma_i = a sqrt(s_i / (1 - s_i))
-    std               std_i = sigma_i sqrt(-dt_i), std of one SDE transition
+    std               std_i = sigma_i sqrt(-dt_i), std of one SDE transition (CPS's: s_{i+1} sin(a pi / 2))
     guidance          g, classifier-free guidance: v = v_u + g (v_c - v_u)
     steps             T, sampling steps
     branch_steps      B, the branched and trained steps k
     branches          G, SDE branches per (prompt, seed, k)
+    finish_steps      F, most ODE steps that finish a branch (0: all that are left)
     seeds_per_prompt  S, initial noises per prompt
     step_weight[k]    w_k, noise-aware weight
     clip_range, beta  eps and beta of the loss
@@ -41,7 +42,9 @@ Deliberate departures from the paper or the official code (each a flag where it 
      1e-4 in the std's denominator notices (it weighs 26x more against the spread there).
   8. The reference epoch's 48 prompts are accumulated on one GPU, or split over torchrun's processes, where the
      official run used 48 GPUs; the update they make is the same.
-  9. --tiny changes the model, reward, resolution and the optimisation settings listed in TINY below, each
+  9. --sampler cps scores a transition by its Gaussian density, as the SDE does; Flow-GRPO's cps code drops the
+     1 / (2 std_k^2) and -log std_k, so its log-ratios are 2 std_k^2 times these (sde_step).
+ 10. --tiny changes the model, reward, resolution and the optimisation settings listed in TINY below, each
      chosen by a measurement given there and in README.md.
 """
 import argparse
@@ -130,7 +133,7 @@ class Args:
     """P, prompts per epoch (paper: 48, one per GPU of the official run; accumulated here): an epoch samples
     P*S*|B|*G branch images (branch) or P*S*G images (sde)"""
     noise_level: float = 0.7
-    """a, the SDE noise level (paper: 0.7)"""
+    """a, the noise level of the stochastic steps (paper: 0.7; with --sampler cps it must lie in (0, 1])"""
     sampler: str = "sde"
     """the stochastic step of rollout and training: sde, Flow-GRPO's reverse SDE (the paper's); cps,
     coefficients-preserving sampling (arXiv 2509.05952; README.md, "Samplers and cheaper branches"): std_k = s_{k+1}

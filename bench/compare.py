@@ -54,6 +54,7 @@ class Study:
     budget: int = 60_000
     keys: tuple = ("eval_reward",)
     weights: bool = False  # draw each panel's noise-aware weights under it (their flags set the grid)
+    at_wall: bool = False  # also each variant's gain at the wall time its panel's first variant spent
 
 
 def label(study: Study, key: str) -> str:
@@ -107,13 +108,13 @@ STUDIES = {
                      keys=("eval_reward", "eval_color", "kl")),
     "samplers": Study("CPS against the SDE, and branches finished by fewer ODE steps, at equal NFE, on `color`",
                       {"branch steps 0-8": sampler_panel(), "branch steps 0-3": sampler_panel("--branch-steps", "0-3")},
-                      budget=60_000),
+                      budget=60_000, at_wall=True),
     "samplers_geneval": Study("CPS against the SDE, and branches finished by fewer ODE steps, at equal NFE, on the "
                               "GenEval-style reward, trained on 40 captions and evaluated on 16 held out",
                               {"branch steps 0-8": sampler_panel(),
                                "branch steps 0-3": sampler_panel("--branch-steps", "0-3")},
                               reward="geneval_toy", prompts=TRAIN, eval_prompts=HELDOUT, eval_samples=4,
-                              budget=60_000),
+                              budget=60_000, at_wall=True),
 }
 ALSO = {"samplers": ["samplers_geneval"]}  # a study that runs with its twin on the other reward
 
@@ -243,11 +244,16 @@ def summarise(name: str, study: Study, args) -> list[str]:
              f"the evaluation noise too, so each run is measured by its gain over the base model under the same "
              f"noise; a difference is called within seed noise when the variants' min..max ranges of that gain "
              f"overlap.", ""]
+    if study.at_wall:
+        lines += ["An evaluation counts a forward pass once, whatever backward pass follows it; the last column "
+                  "reads each run's curve at the wall time its panel's first variant took (rollout, training, "
+                  "decoding and scoring; two runs at a time on this machine, so the seconds are rough).", ""]
     for panel, variants in study.panels.items():
         first = next(iter(variants))
         header = ["variant"] + [f"final {'gain in ' * k.startswith('eval')}{label(study, k)} (mean +- std)"
                                 for k in study.keys]
         header += ["min .. max", f"NFE to reach {first}'s final", f"vs {first}", "wall s per run"]
+        header += [f"gain at {first}'s wall s"] if study.at_wall else []
         lines += [f"## {panel}", ""] if panel else []
         lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for variant, flags in variants.items():
@@ -257,6 +263,8 @@ def summarise(name: str, study: Study, args) -> list[str]:
                 bases[key] = np.array([r[2][0] for r in runs])
                 curves[panel, variant, key] = np.stack([np.interp(grid, r[0], r[2] - r[2][0]) for r in runs])
             walls = [np.interp(args.budget, *curve(out, study.keys[0])[:2]) for out in outs]
+            if variant == first:
+                first_wall = np.mean(walls)
             gain, ref = (curves[panel, v, study.keys[0]] for v in (variant, first))
             final, ref_final = gain[:, -1], ref[:, -1]
             reach = first_reach(grid, gain.mean(0), ref_final.mean())
@@ -267,6 +275,9 @@ def summarise(name: str, study: Study, args) -> list[str]:
                       f"{reach:,.0f} ({reach / args.budget:.0%})" if reach is not None else "not reached",
                       "" if variant == first else f"{final.mean() - ref_final.mean():+.4f}, "
                       f"{'apart' if apart else 'within seed noise'}", f"{np.mean(walls):.0f}"]
+            at_wall = [np.interp(first_wall, wall, value - value[0])
+                       for _, wall, value in (curve(out, study.keys[0]) for out in outs)]
+            cells += [f"{np.mean(at_wall):+.4f} +- {np.std(at_wall):.4f}"] if study.at_wall else []
             lines.append("| " + " | ".join(cells) + " |")
         if study.weights:
             s, w = panel_weights(variants[first])
