@@ -213,14 +213,15 @@ def train_and_heldout(study: Study, args) -> list[str]:
             run_args = tg.parse_args(["--tiny", "--prompt-file", str(train), "--seed", str(seed), "--eval-steps", "10"])
             base = {stem: tg.evaluate(pipe, ps, reward_fn, run_args, grid)["eval_reward"]
                     for stem, ps in prompts.items()}
-            for panel in study.panels.values():
-                for variant, flags in panel.items():
-                    pipe.load_lora_weights(run_folder(study, flags, seed, args.runs) / "lora")
-                    for stem, ps in prompts.items():
-                        score = tg.evaluate(pipe, ps, reward_fn, run_args, grid)["eval_reward"]
-                        gains.setdefault((variant, stem), []).append(score - base[stem])
-                    pipe.unload_lora_weights()
-    for variant in dict.fromkeys(v for panel in study.panels.values() for v in panel):
+            runs = {(f"{panel}: " * bool(panel) + variant): flags for panel, variants in study.panels.items()
+                    for variant, flags in variants.items()}  # one name per run, the panel's in front
+            for variant, flags in runs.items():
+                pipe.load_lora_weights(run_folder(study, flags, seed, args.runs) / "lora")
+                for stem, ps in prompts.items():
+                    score = tg.evaluate(pipe, ps, reward_fn, run_args, grid)["eval_reward"]
+                    gains.setdefault((variant, stem), []).append(score - base[stem])
+                pipe.unload_lora_weights()
+    for variant in runs:
         lines.append(f"| {variant} | " + " | ".join(f"{np.mean(gains[variant, stem]):+.4f} +- "
                                                     f"{np.std(gains[variant, stem]):.4f}" for stem in files) + " |")
     return lines + [""]
