@@ -6,7 +6,7 @@
     python bench/compare.py branching    # cheaper branch-step sets                            (24 min)
     python bench/compare.py batch        # prompts per epoch                                   (25 min)
     python bench/compare.py hacking      # train on `color`, judge by geneval_toy held out     (24 min)
-    python bench/compare.py samplers     # {SDE, CPS} x branch finishes, on `color` and geneval_toy (both studies)
+    python bench/compare.py samplers     # {SDE, CPS} x branch finishes, on color and geneval_toy (2.4 hours)
 
 Each -> bench/results/<study>.md and <study>.png. Each run trains the tiny world (`--tiny`) until --budget latents
 have gone through the transformer (rollouts and updates, CFG's halves counted; evaluation excluded), evaluated
