@@ -274,13 +274,13 @@ def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, noise_level: float, prev_s
     x, v, sigmas = x.float(), v.float(), sigmas.to(x.device, torch.float32)
     i = _as_index(i, x.shape[0], x.device)
     s, dt = map(_per_sample, grid_step(sigmas, i))
-    std = _per_sample(transition_std(sigmas, i, noise_level, sampler))
     if sampler == "cps":
+        std = _per_sample(transition_std(sigmas, i, noise_level, sampler))
         # mean_i = (1 - s_{i+1}) x0_hat + sqrt(s_{i+1}^2 - std_i^2) x1_hat, with x0_hat = x_i - s_i v the predicted
         # image and x1_hat = x_i + (1 - s_i) v the predicted noise; the square root is s_{i+1} cos(a pi / 2)
         mean = (1 - s - dt) * (x - s * v) + (s + dt) * math.cos(noise_level * math.pi / 2) * (x + (1 - s) * v)
     else:
-        sigma = _per_sample(sde_scale(sigmas, i, noise_level)[0])
+        sigma, std = map(_per_sample, sde_scale(sigmas, i, noise_level))
         # mean_i = x_i + [v + sigma_i^2 / (2 s_i) (x_i + (1 - s_i) v)] dt_i   (drift plus the score correction)
         mean = x + (v + sigma**2 / (2 * s) * (x + (1 - s) * v)) * dt
     if prev_sample is None:
