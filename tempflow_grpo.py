@@ -1536,11 +1536,14 @@ def print0(*lines: str):
 @contextmanager
 def said_once():
     """Under torchrun every process meets the same errors of settings, files and rewards; the first says each, the
-    others exit quietly."""
+    others exit quietly. They first give the first process time to say it: torchrun ends every process as soon as
+    one fails, and a quiet one that failed first could end the first before it had spoken."""
     try:
         yield
     except SystemExit as err:
         if isinstance(err.code, str) and int(os.environ.get("RANK", 0)) > 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's ending is final, whatever the loop set
+            time.sleep(30)
             raise SystemExit(1) from None
         raise
 
