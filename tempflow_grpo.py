@@ -73,7 +73,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from reward import load_reward, parse_spec, required_models, to_pil
+from reward import RewardServerError, check_servers, load_reward, parse_spec, required_models, to_pil
 
 # Without torchvision, transformers falls back to its PIL image processors (fine here) and says so at every start.
 logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requires torchvision" not in r.getMessage())
@@ -98,7 +98,11 @@ class Args:
     model: str = "stabilityai/stable-diffusion-3.5-medium"
     """diffusers StableDiffusion3Pipeline: a hub id or a local folder"""
     reward: str = "pickscore"
-    """reward spec: name[:weight],... or path/to/file.py:function (see reward.py)"""
+    """reward spec: name[:weight],... or path/to/file.py:function or http://host:port/path, a reward server
+    (see reward.py)"""
+    reward_wait: float = 300.0
+    """seconds a reward server may take to answer, retries of one that does not included; then the run saves its
+    last complete epoch and stops, for --resume"""
     seed: int = 0
     """seed of prompt order, initial noise and SDE noise"""
     epochs: int = 1000
@@ -869,6 +873,12 @@ def all_sum(value: float) -> float:
     return total.item()
 
 
+def agree(failure: Exception | None):
+    """Raise a reward server's failure in every process if any process met one, so that all stop at one point."""
+    if all_sum(failure is not None):
+        raise failure or RewardServerError("a reward server failed in another process")
+
+
 def sum_gradients(params: list[torch.nn.Parameter]):
     """Each parameter's gradient summed over processes in one flat all-reduce; a process that trained nothing in
     this step adds zeros (and takes part, so nobody waits for it)."""
@@ -912,7 +922,7 @@ def check_in_sync(params: list[torch.nn.Parameter]):
 
 # A resume may change where the run is and what it logs, evaluates or saves...
 RESUMABLE = {"out", "resume", "epochs", "save_every", "eval_every", "image_every", "eval_prompt_file", "eval_steps",
-             "max_nfe", "wandb", "eval_reward"}
+             "max_nfe", "wandb", "eval_reward", "reward_wait"}
 # ... and the memory levers: they change the order of floating-point sums and of the chunks' noise draws, not what
 # training computes, so the run goes on, though not bit-identically to an uninterrupted one
 MEMORY_LEVERS = {"max_batch", "train_batch", "rollout_prompts", "gradient_checkpointing", "offload_text_encoders",
@@ -1056,19 +1066,25 @@ class StopOnSignal:
 def evaluate(pipe, prompts: list[str], reward_fn, args: Args, grid: Path, shown: int = 64) -> dict:
     """Mean rewards of one ODE sample (--eval-steps) per prompt from noise fixed by --seed (drawn on the CPU, so
     the same on any device), so that evaluations of one run, and of runs with one seed, are comparable. The prompts
-    are encoded once, then go in chunks of one transformer call; the first `shown` samples go to a PNG grid."""
+    are encoded once, then go in chunks of one transformer call; the first `shown` samples go to a PNG grid. A
+    reward server's failure in any process raises RewardServerError in every process."""
     device, per_call = pipe.transformer.device, max(1, args.max_batch // cfg_copies(args.guidance))
     noise = initial_noise(pipe, len(prompts), args.resolution, torch.Generator().manual_seed(args.seed))
     chunks = [prompts[j:j + per_call] for j in range(0, len(prompts), per_call)]
     with placed(text_encoders(pipe), device, args.offload_text_encoders):  # all at once: the encoders come once
         embeds = [encode_prompts(pipe, chunk).to("cpu") for chunk in chunks]
-    scores, images = [], []
+    scores, images, failure = [], [], None
     for chunk, chunk_embeds, chunk_noise in zip(chunks, embeds, noise.split(per_call)):
         chunk_images = ode_images(pipe, chunk_embeds.to(device), chunk_noise, args.eval_steps, args.guidance,
                                   args.max_batch)
-        with placed(reward_fn.models, device, args.offload_reward):
-            scores.append(reward_fn(chunk_images, chunk))
+        try:
+            with placed(reward_fn.models, device, args.offload_reward):
+                scores.append(reward_fn(chunk_images, chunk))
+        except RewardServerError as err:
+            failure = err
+            break
         images.append(chunk_images[:max(0, shown - len(images) * per_call)].cpu())
+    agree(failure)
     scores = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
     if rank_and_world()[0] == 0:  # under torchrun every process evaluates the same weights; the first writes
         save_grid(torch.cat(images), [f"{p} | {r:.3g}" for p, r in zip(prompts, scores["reward"][:shown].tolist())],
@@ -1236,7 +1252,8 @@ def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor,
             gen: torch.Generator, timer: "Timer") -> tuple[Batch, PromptEmbeds, dict, tuple]:
     """Sample this process's share of an epoch (SPEC 3 or 7) in chunks of --rollout-prompts prompts, each decoded
     and scored as it finishes, so that GPU memory does not grow with the epoch; the recorded transitions wait on
-    the CPU. Then the rewards become advantages (SPEC 4). Also returns up to 32 images, with captions, for a grid."""
+    the CPU. Then the rewards become advantages (SPEC 4). Also returns up to 32 images, with captions, for a grid.
+    A reward server's failure in any process raises RewardServerError in every process."""
     world = rank_and_world()[1]
     picks = torch.randint(len(prompt_list), (args.prompts_per_epoch // world,), generator=gen,
                           device=gen.device).tolist()
@@ -1250,18 +1267,23 @@ def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor,
     images = epoch_size(args, branch_steps)["images"] // world
     shown = torch.zeros(images, dtype=torch.bool)
     shown[torch.linspace(0, images - 1, min(32, images)).long()] = True  # the grid's images, spread over the epoch
-    parts, before = [], 0  # before: the epoch's images sampled before this chunk
+    parts, before, failure = [], 0, None  # before: the epoch's images sampled before this chunk
     bar = progress(total=len(prompts), desc="sample", unit="prompt", leave=False)
     for trunks in torch.arange(len(noise)).split(args.rollout_prompts * per_prompt):
         rows = noise_prompt[trunks]
-        out, scores, kept = sample_chunk(pipe, args, noise[trunks], embeds.take(rows.to(device)),
-                                         [prompts[p] for p in rows.tolist()], reward_fn, sigmas, branch_steps, gen,
-                                         timer, shown[before:])
+        try:
+            out, scores, kept = sample_chunk(pipe, args, noise[trunks], embeds.take(rows.to(device)),
+                                             [prompts[p] for p in rows.tolist()], reward_fn, sigmas, branch_steps,
+                                             gen, timer, shown[before:])
+        except RewardServerError as err:
+            failure = err
+            break
         # the chunk's trunk and image ids -> the epoch's
         parts.append((out._replace(image_noise=out.image_noise + trunks[0], image=out.image + before), scores, kept))
         before += len(out.image_noise)
         bar.update(len(trunks) // per_prompt)
     bar.close()
+    agree(failure)
     out = Rollout(*map(torch.cat, zip(*(part[0] for part in parts))))  # latents: none, they are decoded
     scores = {k: torch.cat([part[1][k] for part in parts]) for k in parts[0][1]}
     batch, metrics = trained_batch(out, scores, noise_prompt, args)
@@ -1389,8 +1411,9 @@ def setup(args: Args, device: torch.device) -> tuple:
     """The pipeline, frozen but for a fresh LoRA on its transformer, the AdamW over that LoRA, its EMA, and the
     training and evaluation rewards."""
     place, dtype = "cpu" if args.offload_reward else device, getattr(torch, args.reward_dtype)
-    reward_fn = load_reward(args.reward, place, dtype=dtype)
-    eval_fn = load_reward(args.eval_reward, place, dtype=dtype) if args.eval_reward else reward_fn
+    reward_fn = load_reward(args.reward, place, dtype=dtype, wait=args.reward_wait)
+    eval_fn = reward_fn if not args.eval_reward else load_reward(args.eval_reward, place, dtype=dtype,
+                                                                 wait=args.reward_wait)
     pipe = load_pipeline(args.model, torch.bfloat16 if device.type == "cuda" else torch.float32)
     for module in [pipe.transformer, pipe.vae, *text_encoders(pipe)]:
         module.requires_grad_(False)
@@ -1441,32 +1464,64 @@ def train(args: Args) -> list[dict]:
     prompt_list, eval_prompts = [p for _, p in prompts], [p for _, p in eval_prompts]
     if eval_prompts and state["epoch"] == 0:  # the base model, for the first row
         with cost.paused(), ema_weights(ema, params):
-            base = evaluate(pipe, eval_prompts, eval_fn, args, out / "images" / "eval_base.png")
+            try:
+                base = evaluate(pipe, eval_prompts, eval_fn, args, out / "images" / "eval_base.png")
+            except RewardServerError as err:
+                server_down(err, args, "in the base model's evaluation", evaluating=True)
         failure = reward_failure(base, args, "in the base model's evaluation")
         with said_once():
             check(not failure, failure)
         base = {"base_" + k: v for k, v in base.items()}
+    if state.get("pending"):  # an epoch that trained, saved when its evaluation's reward server failed
+        rows.append(state["pending"])
+        epoch = rows[-1]["epoch"]
+        with cost.paused(), ema_weights(ema, params):
+            try:  # (unless this resume leaves evaluation out)
+                rows[-1].update(evaluate(pipe, eval_prompts, eval_fn, args, out / "images" / f"eval_{epoch:06d}.png")
+                                if eval_prompts else {})
+            except RewardServerError as err:
+                server_down(err, args, f"in epoch {epoch}'s evaluation", evaluating=True)
+        if rank == 0:
+            publish(out, rows[-1], None, args, tracker, epoch + 1 >= args.epochs or 0 < args.max_nfe <= state["nfe"])
     done = 0 < args.max_nfe <= state["nfe"]  # a resumed run that had already spent its --max-nfe
     bar = progress(range(state["epoch"], args.epochs if not done else state["epoch"]), desc="epochs", unit="epoch",
                    initial=state["epoch"], total=args.epochs)
     for epoch in bar:
-        timer = Timer(device)
+        timer, start = Timer(device), (gen.get_state(), torch.get_rng_state())  # the epoch's start, for an outage
         with memory_advice(args, epoch):
-            batch, embeds, metrics, samples = collect(pipe, args, prompt_list, reward_fn, sigmas, branch_steps, gen,
-                                                      timer)
+            try:
+                batch, embeds, metrics, samples = collect(pipe, args, prompt_list, reward_fn, sigmas, branch_steps,
+                                                          gen, timer)
+            except RewardServerError as err:  # in every process at once: the epoch is dropped, its start saved
+                gen.set_state(start[0])
+                torch.set_rng_state(start[1])
+                save_checkpoint(out, pipe.transformer, params, optimizer, ema, gen, dict(
+                    epoch=epoch, metrics_rows=state["metrics_rows"] + len(rows), processes=world,
+                    nfe=rows[-1]["nfe"] if rows else state["nfe"], wall_s=cost.wall_s()))
+                server_down(err, args, f"in epoch {epoch}")
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", refresh=False)
             with timer("train_s"):
                 metrics.update(mean_over_processes(update(pipe.transformer, params, optimizer, batch, embeds, sigmas,
                                                           step_weight, args, gen, ema, epoch * args.optimizer_steps),
                                                    len(batch.x)))
             nfe = int(all_sum(cost.nfe))
-            last = epoch + 1 == args.epochs or 0 < args.max_nfe <= nfe
+            last, outage = epoch + 1 == args.epochs or 0 < args.max_nfe <= nfe, None
             if eval_prompts and ((epoch + 1) % args.eval_every == 0 or last):  # every process: none waits
                 with timer("eval_s"), cost.paused(), ema_weights(ema, params):
                     grid = out / "images" / f"eval_{epoch:06d}.png"
-                    metrics.update(evaluate(pipe, eval_prompts, eval_fn, args, grid))
+                    try:
+                        metrics.update(evaluate(pipe, eval_prompts, eval_fn, args, grid))
+                    except RewardServerError as err:
+                        outage = err
         rows.append(dict(epoch=epoch, **metrics, **timer.metrics(), **(base if epoch == 0 else {}), nfe=nfe,
                          wall_s=cost.wall_s()))
+        if outage:  # the epoch trained: it is saved with its row, which --resume completes with the evaluation
+            if rank == 0 and ((epoch + 1) % args.image_every == 0 or last):
+                save_samples(*samples, out / "images" / f"{epoch:06d}.png")
+            save_checkpoint(out, pipe.transformer, params, optimizer, ema, gen, dict(
+                epoch=epoch + 1, metrics_rows=state["metrics_rows"] + len(rows) - 1, nfe=nfe, wall_s=cost.wall_s(),
+                processes=world, pending=rows[-1]))
+            server_down(outage, args, f"in epoch {epoch}'s evaluation", evaluating=True)
         if rank == 0:
             publish(out, rows[-1], samples, args, tracker, last)
         stopping = all_sum(bool(stop.signum)) > 0  # a signal to any process stops all after this epoch
@@ -1513,6 +1568,9 @@ def prepare(args: Args) -> tuple[Args, dict, list, list, str | None]:
     config = run_config(args, [prompt for _, prompt in prompts])
     note = check_out(args, config)
     check_models(args)
+    for flag, spec in (("--reward", args.reward), ("--eval-reward", args.eval_reward)):
+        if spec:
+            check_servers(spec, flag, prompts[0][1], args.reward_wait)
     return args, config, prompts, eval_prompts, note
 
 
@@ -1548,6 +1606,14 @@ def said_once():
         raise
 
 
+def server_down(err: RewardServerError, args: Args, where: str, evaluating: bool = False):
+    """The one line that ends a run whose reward server failed, once its checkpoint is written."""
+    flag = "--eval-reward" if evaluating and args.eval_reward else "--reward"
+    with said_once():
+        raise SystemExit(f"error: {flag} {err} {where}; once the server answers, the run continues from its last "
+                         f"checkpoint with: {resume_command(args, rank_and_world()[1])}")
+
+
 def reward_failure(metrics: dict, args: Args, where: str) -> str | None:
     """One line when no image of an epoch, or of an evaluation, had a finite reward (their mean over the finite ones
     is NaN): nothing can be learned from it or measured. It names the reward and its parts that gave nothing."""
@@ -1558,7 +1624,7 @@ def reward_failure(metrics: dict, args: Args, where: str) -> str | None:
             empty = [name for name, _ in parse_spec(spec, flag) if not math.isfinite(metrics.get(prefix + name, 0))]
             return (f"{flag} {spec!r} gave no finite reward {where}: NaN or infinite for every image, from "
                     f"{', '.join(empty) or 'the sum'}; check that it suits the prompts (color and geneval_toy need a "
-                    f"colour word) or fix the plug-in")
+                    f"colour word) or fix the plug-in or server")
     return None
 
 
@@ -1618,7 +1684,7 @@ def publish(out: Path, row: dict, samples: tuple, args: Args, tracker, last: boo
     each evaluation and at the end; the same rows and grids to Weights & Biases with --wandb."""
     epoch, grids = row["epoch"], {}
     log(row, out / "metrics.jsonl")
-    if (epoch + 1) % args.image_every == 0 or last:
+    if samples and ((epoch + 1) % args.image_every == 0 or last):
         grids["samples"] = out / "images" / f"{epoch:06d}.png"
         save_samples(*samples, grids["samples"])
     if "base_eval_reward" in row:
@@ -1737,6 +1803,7 @@ def finalize(args: Args) -> Args:
     for flag in ("max_batch", "train_batch"):
         check(getattr(args, flag) >= 2, f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 2 "
               f"(CFG's two halves)")
+    check(args.reward_wait > 0, f"--reward-wait {args.reward_wait}: must be positive (seconds)")
     check(args.reward_dtype in ("float32", "bfloat16"), f"--reward-dtype {args.reward_dtype!r} is unknown; choose "
           f"float32 or bfloat16")
     check(args.lr > 0 and args.clip_range > 0 and args.beta >= 0, "--lr and --clip-range must be positive, --beta "

@@ -1235,6 +1235,211 @@ def test_every_missing_model_is_named_in_one_line_before_any_loads(prompt_file, 
         "no-such-org/no-such-sd3", "model_index.json")
 
 
+# ---------------------------------------------------------------- rewards from a server (reward.py serve)
+
+# Plug-ins for the server tests. A server receives 8-bit PNGs, so the in-process twin of `serve color` rounds the
+# images to 8 bits first; `dying` exits its server at the request numbered DIE_AT (the first check is request 1).
+SERVED_PLUGINS = '''
+import os
+
+import reward
+
+CALLS = [0]
+
+
+def color_8bit(images, prompts):
+    return reward.color(reward.from_png_base64(reward.png_base64(images)), prompts)
+
+
+def dying(images, prompts):
+    CALLS[0] += 1
+    if CALLS[0] == int(os.environ.get("DIE_AT", 0)):
+        os._exit(1)
+    return reward.color(images, prompts)
+'''
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def reward_server(spec: str, port: int, **env):
+    """`python reward.py serve SPEC --port PORT` on 127.0.0.1, once it accepts connections; killed on leaving."""
+    import os
+    import socket
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "reward.py", "serve", spec, "--port", str(port), "--device", "cpu"],
+                            cwd=Path(reward.__file__).parent, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[0]
+    try:
+        yield f"http://127.0.0.1:{port}/score"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def plugins(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plugins") / "served.py"
+    path.write_text(SERVED_PLUGINS)
+    return str(path)
+
+
+def test_a_server_scores_the_8_bit_images_as_the_reward_in_process(plugins):
+    """`serve color,geneval_toy:0.5` answers the in-process rewards of the images rounded to 8 bits, bit for bit,
+    with each component; its sum is weighted like any reward of a spec, and an unscorable image is NaN."""
+    images, prompts = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)), ["a red circle",
+                                                                                            "two blue squares", "a dog"]
+    local = reward.load_reward("color,geneval_toy:0.5")(reward.from_png_base64(reward.png_base64(images)), prompts)
+    with reward_server("color,geneval_toy:0.5", free_port()) as url:
+        served = reward.load_reward(f"{url}:2")(images, prompts)
+    identical = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # noqa: E731
+    identical(served[url], local["reward"])
+    identical(served["color"], local["color"])
+    identical(served["geneval_toy"], local["geneval_toy"])
+    identical(served["reward"], 2 * served[url])
+    assert torch.isnan(served[url][2]) and set(served) == {url, "color", "geneval_toy", "reward"}
+    assert (served["color"] - reward.color(images, prompts))[:2].abs().max() <= 1 / 510  # 8 bits: half a level
+
+
+def test_a_run_against_a_reward_server_is_the_run_with_its_reward_in_process(random_model, prompt_file, plugins,
+                                                                            tmp_path):
+    """--reward http://... of `serve color`, for training and evaluation, trains the LoRA that the in-process
+    reward of the same 8-bit images trains, bit for bit, and its epoch-0 rewards are color's to 8 bits."""
+    extra = ["--epochs", "2", "--eval-prompt-file", prompt_file, "--eval-every", "1", "--eval-steps", "2"]
+    with reward_server("color", free_port()) as url:
+        served = tg.train(quick_args(random_model, prompt_file, tmp_path / "served", "--reward", url, *extra))
+    local = tg.train(quick_args(random_model, prompt_file, tmp_path / "local", "--reward", f"{plugins}:color_8bit",
+                                *extra))
+    plain = tg.train(quick_args(random_model, prompt_file, tmp_path / "plain", *extra))
+    same = lambda row: {k: v for k, v in row.items() if not k.endswith("_s") and "color" not in k and "http" not in k}
+    assert [same(row) for row in served] == [same(row) for row in local] and same_lora(tmp_path / "served",
+                                                                                     tmp_path / "local")
+    assert served[0][f"reward_{url}"] == served[0]["reward_mean"] and served[0]["eval_reward"] == local[0][
+        "eval_reward"]
+    assert abs(served[0]["reward_mean"] - plain[0]["reward_mean"]) <= 1 / 510
+
+
+@pytest.mark.parametrize("die_at, where", [(5, "in epoch 1"), (6, "in epoch 1's evaluation")])
+def test_a_reward_server_that_dies_mid_run_stops_it_saved_and_resume_finishes_it_exactly(
+        random_model, prompt_file, plugins, tmp_path, die_at, where):
+    """The server dies while it scores epoch 1's samples, or its evaluation: the run retries for --reward-wait,
+    then stops with one line, saved (before the epoch, or after it with its row waiting for the evaluation); once
+    the server is back, --resume ends with the LoRA, the EMA and the metrics rows of an uninterrupted run."""
+    port, run = free_port(), tmp_path / "run"
+    extra = ["--epochs", "3", "--eval-prompt-file", prompt_file, "--eval-every", "1", "--eval-steps", "2",
+             "--reward-wait", "1", "--image-every", "1"]
+    with reward_server(f"{plugins}:dying", port, DIE_AT=str(die_at)) as url:
+        with pytest.raises(SystemExit) as err:
+            tg.train(quick_args(random_model, prompt_file, run, "--reward", url, *extra))
+    message = str(err.value)
+    assert "\n" not in message and f"{where};" in message and "--resume" in message
+    assert message.startswith(f"error: --reward {url}: no answer within 1 s (--reward-wait)")
+    with reward_server(f"{plugins}:dying", port) as url:
+        tg.train(quick_args(random_model, prompt_file, run, "--reward", url, *extra, "--resume"))
+    straight = tg.train(quick_args(random_model, prompt_file, tmp_path / "straight", "--reward",
+                                   f"{plugins}:color_8bit", *extra))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    same = lambda row: {k: v for k, v in row.items() if not k.endswith("_s") and "color" not in k and "http" not in k
+                        and "dying" not in k}
+    assert [same(row) for row in rows] == [same(row) for row in straight] and len(rows) == 3
+    assert same_lora(run, tmp_path / "straight")
+    ema_a, ema_b = exported_lora(run), exported_lora(tmp_path / "straight")
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert sorted(p.name for p in (run / "images").glob("*.png")) == sorted(
+        p.name for p in (tmp_path / "straight" / "images").glob("*.png"))
+
+
+@contextmanager
+def misbehaving_server():
+    """An HTTP server in a thread that breaks the protocol one way per path."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            n = len(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompts"])
+            status, body = 200, {
+                "/short": lambda: json.dumps({"rewards": [0.5] * (n - 1)}),
+                "/garbage": lambda: "<html>a proxy's error page</html>",
+                "/words": lambda: json.dumps({"rewards": ["high"] * n}),
+                "/huge": lambda: json.dumps({"rewards": [0.5] * n, "detail": "x" * (5 << 20)}),
+                "/slow": lambda: time.sleep(3) or json.dumps({"rewards": [0.5] * n}),
+                "/nulls": lambda: json.dumps({"rewards": [None] + [0.5] * (n - 1), "strict": [1] * n, "tag": "v1",
+                                              "boxes": [[1, 2]] * n}),
+            }.get(self.path, lambda: "")()
+            status = {"/busy": 503, "/missing": 404}.get(self.path, status)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body.encode())))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("path, says", [("/short", "2 rewards for 3 images"), ("/garbage", "not JSON"),
+                                        ("/words", "not all numbers"), ("/huge", "over 4 MiB"),
+                                        ("/slow", "ReadTimeout"),
+                                        ("/busy", "within 1 s (--reward-wait), retries included (HTTP 503)"),
+                                        ("/missing", "HTTP 404")])
+def test_an_answer_that_breaks_the_protocol_is_one_line_naming_the_url(path, says):
+    images, prompts = torch.rand(3, 3, 16, 16), ["a red circle"] * 3
+    with misbehaving_server() as root:
+        with pytest.raises(reward.RewardServerError) as err:
+            reward.load_reward(root + path, wait=1)(images, prompts)
+    assert str(err.value).startswith(root + path + ":") and says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_null_is_an_invalid_reward_and_other_lists_of_numbers_are_components():
+    with misbehaving_server() as root:
+        scores = reward.load_reward(root + "/nulls", wait=1)(torch.rand(3, 3, 16, 16), ["a red circle"] * 3)
+    assert set(scores) == {root + "/nulls", "strict", "reward"} and torch.isnan(scores["reward"][0])
+    assert scores["reward"][1:].tolist() == [0.5, 0.5] and scores["strict"].tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("path, says", [("/garbage", "not JSON"), ("/slow", "no answer (ReadTimeout"),
+                                        ("closed", "is the server running?")])
+def test_every_reward_server_is_asked_before_any_model_loads(prompt_file, tmp_path, monkeypatch, path, says):
+    """Before anything loads, each reward server scores one small image, or one line names the flag, the URL and
+    what went wrong (a closed port at once, without retries)."""
+    import time
+
+    monkeypatch.setattr(tg, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    with misbehaving_server() as root:
+        url = f"http://127.0.0.1:{free_port()}/score" if path == "closed" else root + path
+        start = time.time()
+        with pytest.raises(SystemExit) as err:
+            tg.main(["--tiny", "--prompt-file", prompt_file, "--out", str(tmp_path / "run"), "--eval-reward", url,
+                     "--reward-wait", "1"])
+    message = str(err.value)
+    assert message.startswith(f"error: --eval-reward {url}:") and says in message and "\n" not in message
+    assert time.time() - start < 10 and not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------- several processes (torchrun, gloo on the CPU)
 
 def one_step_world(seed=0):
