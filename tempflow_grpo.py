@@ -22,6 +22,7 @@ Notation (code -> paper):
     branch_steps      B, the branched and trained steps k
     branches          G, SDE branches per (prompt, seed, k)
     finish_steps      F, most ODE steps that finish a branch (0: all that are left)
+    split_steps       BranchGRPO's split steps, at each of which a tree's node forks split_factor = f children
     seeds_per_prompt  S, initial noises per prompt
     step_weight[k]    w_k, noise-aware weight
     clip_range, beta  eps and beta of the loss
@@ -46,6 +47,9 @@ Deliberate departures from the paper or the official code (each a flag where it 
      1 / (2 std_k^2) and -log std_k, so its log-ratios are 2 std_k^2 times these (sde_step).
  10. --tiny changes the model, reward, resolution and the optimisation settings listed in TINY below, each
      chosen by a measurement given there and in README.md.
+ 11. --method branch_grpo (arXiv 2509.06040) fuses rewards by the plain mean of a node's leaves (the paper may
+     weight them by path probability), takes the ODE at the last step as Flow-GRPO here does, and trains every
+     node's transition unless --prune-width or --prune-depth says otherwise.
 """
 import argparse
 import ast
@@ -110,9 +114,11 @@ class Args:
 
     # ---- method: --method sets the next three; each can be overridden alone for the paper's ablations
     method: str = "tempflow"
-    """tempflow (branch, noise, seed, group std) or flow_grpo (sde, uniform, prompt, global std)"""
+    """tempflow (branch, noise, seed, group std), flow_grpo (sde, uniform, prompt, global std) or branch_grpo
+    (tree, uniform, seed: a group is one depth of one tree, group std; arXiv 2509.06040)"""
     rollout: str = ""
-    """branch: ODE trunk with G SDE branches per branch step (SPEC 3); sde: SDE at every branch step (SPEC 7)"""
+    """branch: ODE trunk with G SDE branches per branch step (SPEC 3); sde: SDE at every branch step (SPEC 7);
+    tree: sde whose rows fork at the --split-steps, BranchGRPO's tree"""
     weighting: str = ""
     """noise: w_k = std_k / mean_j std_j (SPEC 5); uniform: w_k = 1"""
     group: str = ""
@@ -145,6 +151,15 @@ class Args:
     finish_steps: int = 0
     """F: each branch is finished by at most F ODE steps over its remaining grid, ending at s = 0 (0: every step
     left, the paper's); cheaper branches, the same trained steps (--rollout branch only)"""
+    split_steps: str = ""
+    """BranchGRPO: the steps (list or range, among the branch steps) at which each node forks --split-factor SDE
+    children (--rollout tree; its default 0,2,4,6)"""
+    split_factor: int = 2
+    """BranchGRPO: children per node at a split step (paper: 2)"""
+    prune_width: int = 0
+    """BranchGRPO's width pruning: train only the paths to the N best and N worst leaves of each tree (0: all)"""
+    prune_depth: str = ""
+    """BranchGRPO's depth pruning: steps (list or range) whose transitions are sampled but not trained"""
     guidance: float = 4.5
     """g, classifier-free guidance in rollout and training (paper: 4.5)"""
     resolution: int = 512
@@ -410,19 +425,23 @@ class Rollout(NamedTuple):
     y: Tensor             # [K, C, H, W] x_{k+1}, the SDE sample it reached
     log_prob: Tensor      # [K] log pi_old(y | x_k)
     step: Tensor          # [K] k
-    image: Tensor         # [K] the image whose reward scores the transition
+    image: Tensor         # [K] the image whose reward scores the transition (the first of `span`)
+    span: Tensor          # [K] how many images from `image` on score it, by their mean: a BranchGRPO node's leaves
 
 
 @torch.no_grad()
 def rollout(transformer, noise: Tensor, prompts: PromptEmbeds, sigmas: Tensor, branch_steps: list[int],
             branches: int, noise_level: float, guidance: float, max_batch: int, generator: torch.Generator,
-            sampler: str = "sde", finish_steps: int = 0) -> Rollout:
+            sampler: str = "sde", finish_steps: int = 0, split_steps: list[int] = (), split_factor: int = 1
+            ) -> Rollout:
     """Sample from N initial noises [N, C, H, W] (prompts: N rows), recording every stochastic transition.
 
     branches > 0, TempFlow (SPEC 3): each row is an ODE trunk; at each branch step k it forks `branches` children
     y_{k,g} ~ N(mean_k, std_k^2) by sde_step's sampler, each finished by the ODE over finish_grid(k, T,
     finish_steps). Trunks stop after the last branch step.
     branches = 0, Flow-GRPO (SPEC 7): each row takes the stochastic step at the branch steps, the ODE elsewhere.
+    branches = 0 with split_steps, BranchGRPO (arXiv 2509.06040): as Flow-GRPO, but at each split step every row forks
+    split_factor children, SDE samples from its one velocity; the rows are a tree's nodes, the last ones its leaves.
     All live rows sit at one grid index (a branch finishing coarsely skips the indices off its path), so the
     rollout is at most T batched transformer calls (chunked by max_batch).
     """
@@ -455,27 +474,33 @@ def rollout(transformer, noise: Tensor, prompts: PromptEmbeds, sigmas: Tensor, b
             leaf_born = torch.cat([leaf_born, torch.full((len(y),), i)])
             trunk = ode_step(trunk, v_trunk, sigmas, i)
         elif i in branch_steps:
+            if i in split_steps:  # BranchGRPO: children k..k+f-1 of node k / f, all from its one velocity
+                trunk, v_trunk, trunk_id = (t.repeat_interleave(split_factor, 0) for t in (trunk, v_trunk, trunk_id))
             y, log_prob, _, _ = sde_step(trunk, v_trunk, sigmas, i, noise_level, generator=generator, sampler=sampler)
-            records.append((trunk, y, log_prob, i, trunk_id))
+            records.append((trunk, y, log_prob, i, torch.arange(len(y), device=y.device)))  # the nodes y become
             trunk = y
         else:
             trunk = ode_step(trunk, v_trunk, sigmas, i)
     x_k, y, log_prob, step, image = zip(*records)
     step = torch.cat([torch.full_like(lp, k, dtype=torch.long) for lp, k in zip(log_prob, step)])
     if branches:
-        latents, image_noise, image_step = leaves, leaf_id, step
-    else:
+        latents, image_noise, image_step, span = leaves, leaf_id, step, torch.ones_like(step)
+    else:  # node n of a step with N nodes has the leaves n * L/N .. (n + 1) * L/N - 1 below it (L/N = 1 but in a tree)
         latents, image_noise, image_step = trunk, trunk_id, torch.full_like(trunk_id, -1)
+        span = torch.cat([torch.full_like(nodes, len(trunk) // len(nodes)) for nodes in image])
+        image = [nodes * (len(trunk) // len(nodes)) for nodes in image]
     return Rollout(latents, image_noise, image_step, torch.cat(x_k), torch.cat(y), torch.cat(log_prob), step,
-                   torch.cat(image))
+                   torch.cat(image), span)
 
 
 def rollout_nfe(rollout: str, steps: int, branch_steps: list[int], branches: int, guidance: float,
-                finish_steps: int = 0) -> int:
+                finish_steps: int = 0, split_steps: list[int] = (), split_factor: int = 1) -> int:
     """Transformer evaluations of one latent per initial noise (SPEC 3), CFG's halves counted."""
     halves = cfg_copies(guidance)
     if rollout == "sde":
         return halves * steps
+    if rollout == "tree":  # the nodes alive before each step i: f ** (split steps before i)
+        return halves * sum(split_factor ** sum(k < i for k in split_steps) for i in range(steps))
     # max(B) + 1 for the trunk, plus G min(F, T - 1 - k) for the branches of every k in B (F = 0: all T - 1 - k)
     finish = [len(finish_grid(k, steps, finish_steps)) - 1 for k in branch_steps]
     return halves * (max(branch_steps) + 1 + branches * sum(finish))
@@ -501,6 +526,30 @@ def group_advantages(rewards: Tensor, groups: Tensor, clip: float = 5.0, global_
     advantages = ((r - mean[groups]) / (std + 1e-4)).clamp(-clip, clip)
     # float32 rewards sum exactly in float64, so a group of equal rewards has mean r, var 0 and A = 0 exactly
     return torch.where(valid, advantages, 0.0).float(), var[groups] == 0
+
+
+def fused_rewards(rewards: Tensor, first: Tensor, span: Tensor) -> Tensor:
+    """BranchGRPO's reward fusion (arXiv 2509.06040): node n's reward is the mean of the finite rewards of
+    its leaves, first[n] .. first[n] + span[n] - 1 of rewards [M]; NaN if none is finite. Returns [K]."""
+    valid = torch.isfinite(rewards)
+    node = torch.arange(len(first)).repeat_interleave(span)  # [sum(span)]: each (node, leaf) pair
+    leaf = first.repeat_interleave(span) + torch.arange(len(node)) - (span.cumsum(0) - span).repeat_interleave(span)
+    total = torch.zeros(len(first), dtype=torch.double).index_add_(0, node, rewards[leaf].double().nan_to_num() *
+                                                                      valid[leaf])
+    count = torch.zeros(len(first), dtype=torch.double).index_add_(0, node, valid[leaf].double())
+    return (total / count).float()  # 0 / 0: NaN
+
+
+def width_pruned(rewards: Tensor, first: Tensor, span: Tensor, leaves: int, keep: int) -> Tensor:
+    """BranchGRPO's width pruning: [K] True for the nodes on the paths to the `keep` best and `keep` worst leaves of
+    each tree (rewards [M], trees of `leaves` leaves in a row); a non-finite leaf is neither."""
+    by_tree = rewards.reshape(-1, leaves)
+    best = by_tree.nan_to_num(-math.inf).topk(min(keep, leaves), dim=1).indices
+    worst = by_tree.nan_to_num(math.inf).topk(min(keep, leaves), dim=1, largest=False).indices
+    kept = torch.zeros_like(by_tree, dtype=torch.bool).scatter_(1, torch.cat([best, worst], 1), True).flatten()
+    kept &= torch.isfinite(rewards)
+    below = torch.cat([torch.zeros(1, dtype=torch.long), kept.long().cumsum(0)])  # kept leaves before each index
+    return below[first + span] > below[first]
 
 
 def trained_images(advantages: Tensor, trunk: Tensor, valid: Tensor, zero_std: Tensor, drop_zero_std: bool
@@ -1261,7 +1310,7 @@ def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor,
     device = pipe.transformer.device
     with timer("sample_s"), placed(text_encoders(pipe), device, args.offload_text_encoders):
         embeds = encode_prompts(pipe, prompts)
-    per_prompt = args.seeds_per_prompt * (1 if args.rollout == "branch" else args.branches)
+    per_prompt = args.seeds_per_prompt * (args.branches if args.rollout == "sde" else 1)
     noise_prompt = torch.arange(len(prompts)).repeat_interleave(per_prompt)  # [N]
     noise = initial_noise(pipe, len(noise_prompt), args.resolution, gen)  # [N, C, H, W]
     images = epoch_size(args, branch_steps)["images"] // world
@@ -1295,19 +1344,33 @@ def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor,
 def trained_batch(out: Rollout, scores: dict, noise_prompt: Tensor, args: Args) -> tuple[Batch, dict]:
     """Rewards -> advantages over groups (SPEC 4; under torchrun from every process's rewards, for the global std
     and the metrics) -> the transitions that train, and the epoch's reward metrics."""
-    image_prompt = noise_prompt[out.image_noise]  # [M]
+    tree = args.rollout == "tree"
+    if tree:  # BranchGRPO: advantages are the nodes', of their fused rewards, a group one depth of a tree
+        reward, noise, step = fused_rewards(scores["reward"], out.image, out.span), out.image_noise[out.image], out.step
+    else:  # advantages are the images'
+        reward, noise, step = scores["reward"], out.image_noise, out.image_step
     # seed groups share (prompt, initial noise, k); prompt groups share (prompt, k)
-    seed = out.image_noise if args.group == "seed" else torch.zeros_like(out.image_noise)
-    keys = torch.stack([image_prompt, seed, out.image_step], dim=1)
+    seed = noise if args.group == "seed" else torch.zeros_like(noise)
+    keys = torch.stack([noise_prompt[noise], seed, step], dim=1)
     groups = torch.unique(keys, dim=0, return_inverse=True)[1]  # [M], ids below M
     rank, m = rank_and_world()[0], len(groups)
     everyone = {k: gather(v) for k, v in scores.items()}  # [world * M], rank by rank; groups stay apart:
     all_groups = gather(groups + rank * m)
-    advantages, zero_std = group_advantages(everyone["reward"], all_groups, args.adv_clip, args.adv_std == "global")
-    mine, valid = slice(rank * m, (rank + 1) * m), torch.isfinite(scores["reward"])
-    keep = trained_images(advantages[mine], out.image_noise, valid, zero_std[mine], args.drop_zero_std)[out.image]
-    batch = Batch(out.x[keep], out.y[keep], out.log_prob[keep], out.step[keep], image_prompt[out.image][keep],
-                  advantages[mine][out.image][keep])  # [K] rows of each
+    advantages, zero_std = group_advantages(gather(reward) if tree else everyone["reward"], all_groups,
+                                            args.adv_clip, args.adv_std == "global")
+    mine, valid = slice(rank * m, (rank + 1) * m), torch.isfinite(reward)
+    if tree:
+        keep, advantage = valid & ~(zero_std[mine] & args.drop_zero_std), advantages[mine]
+        keep &= ~torch.isin(out.step, torch.tensor(parse_branch_steps(args.prune_depth, args.steps)
+                                                   if args.prune_depth else [], dtype=torch.long))
+        if args.prune_width:
+            splits, factor = tree_shape(args)
+            keep &= width_pruned(scores["reward"], out.image, out.span, factor ** len(splits), args.prune_width)
+    else:
+        keep = trained_images(advantages[mine], out.image_noise, valid, zero_std[mine], args.drop_zero_std)[out.image]
+        advantage = advantages[mine][out.image]
+    batch = Batch(out.x[keep], out.y[keep], out.log_prob[keep], out.step[keep],
+                  noise_prompt[out.image_noise[out.image]][keep], advantage[keep])  # [K] rows of each
     every_valid = torch.isfinite(everyone["reward"])
     rewards = everyone["reward"][every_valid]
     metrics = dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
@@ -1327,7 +1390,7 @@ def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, caption
     with timer("sample_s"), autocast(pipe.transformer):
         out = rollout(pipe.transformer, noise.to(device), prompts, sigmas, branch_steps,
                       args.branches if args.rollout == "branch" else 0, args.noise_level, args.guidance,
-                      args.max_batch, gen, args.sampler, args.finish_steps)
+                      args.max_batch, gen, args.sampler, args.finish_steps, *tree_shape(args))
     image_captions = [captions[n] for n in out.image_noise.tolist()]
     scores, kept = [], []
     with timer("score_s"), autocast(pipe.transformer), placed(reward_fn.models, device, args.offload_reward):
@@ -1428,13 +1491,25 @@ def setup(args: Args, device: torch.device) -> tuple:
     return pipe, params, optimizer, make_ema(params, args.ema), reward_fn, eval_fn
 
 
+def tree_shape(args: Args) -> tuple[list[int], int]:
+    """(split steps, split factor) of a BranchGRPO tree; ([], 1) for the other rollouts."""
+    if args.rollout != "tree":
+        return [], 1
+    return parse_branch_steps(args.split_steps, args.steps), args.split_factor
+
+
 def epoch_size(args: Args, branch_steps: list[int]) -> dict:
     """An epoch's size, derived once from the settings: trunks, images, transitions, transformer evaluations."""
-    trunks = args.prompts_per_epoch * args.seeds_per_prompt * (1 if args.rollout == "branch" else args.branches)
+    trunks = args.prompts_per_epoch * args.seeds_per_prompt * (args.branches if args.rollout == "sde" else 1)
     images = trunks * (len(branch_steps) * args.branches if args.rollout == "branch" else 1)
     transitions = images * (1 if args.rollout == "branch" else len(branch_steps))
+    splits, factor = tree_shape(args)
+    if args.rollout == "tree":  # a root's leaves; its nodes after each trained step (at most, with --prune-width)
+        images = trunks * factor ** len(splits)
+        pruned = parse_branch_steps(args.prune_depth, args.steps) if args.prune_depth else []
+        transitions = trunks * sum(factor ** sum(k <= i for k in splits) for i in branch_steps if i not in pruned)
     sampling = trunks * rollout_nfe(args.rollout, args.steps, branch_steps, args.branches, args.guidance,
-                                    args.finish_steps)
+                                    args.finish_steps, splits, factor)
     # training: the policy's forward and, with beta > 0, the base model's, CFG's halves counted
     train_nfe = transitions * cfg_copies(args.guidance) * (2 if args.beta > 0 else 1)
     return dict(trunks=trunks, images=images, transitions=transitions,
@@ -1719,7 +1794,9 @@ def log(row: dict, path: Path):
 
 TINY_WORLD = Path(__file__).parent / "tiny_world" / "pipeline"  # the tiny world's trained pipeline
 METHODS = {"tempflow": dict(rollout="branch", weighting="noise", group="seed", adv_std="group"),
-           "flow_grpo": dict(rollout="sde", weighting="uniform", group="prompt", adv_std="global")}
+           "flow_grpo": dict(rollout="sde", weighting="uniform", group="prompt", adv_std="global"),
+           "branch_grpo": dict(rollout="tree", weighting="uniform", group="seed", adv_std="group",
+                               split_steps="0,2,4,6")}
 TINY = dict(  # --tiny: the same loop on a CPU; README.md gives the measurements behind each departure
     model=str(TINY_WORLD), reward="geneval_toy", resolution=64, max_batch=512, train_batch=512,
     eval_prompt_file=str(TINY_WORLD.parent / "prompts.txt"),
@@ -1763,7 +1840,7 @@ def finalize(args: Args) -> Args:
     check(args.method in METHODS, f"--method {args.method!r} is unknown; choose one of {', '.join(METHODS)}")
     for key, value in METHODS[args.method].items():
         setattr(args, key, getattr(args, key) or value)
-    for flag, value, choices in (("rollout", args.rollout, "branch sde"), ("group", args.group, "seed prompt"),
+    for flag, value, choices in (("rollout", args.rollout, "branch sde tree"), ("group", args.group, "seed prompt"),
                                  ("weighting", args.weighting, "noise uniform"),
                                  ("adv_std", args.adv_std, "group global"), ("sampler", args.sampler, "sde cps")):
         check(value in choices.split(), f"--{flag.replace('_', '-')} {value!r} is unknown; choose one of "
@@ -1779,11 +1856,13 @@ def finalize(args: Args) -> Args:
     check(steps and 0 <= steps[0] and steps[-1] <= args.steps - 2,
           f"--branch-steps {args.branch_steps!r}: steps must lie in 0..{args.steps - 2} (T - 2; the last step is "
           f"never trained)")
-    check(args.group == "prompt" or args.rollout == "branch", "--group seed needs --rollout branch: the samples "
-          "of an SDE rollout share no initial noise; use --group prompt")
+    check(args.group == "prompt" or args.rollout != "sde", "--group seed needs --rollout branch or tree: the "
+          "samples of an SDE rollout share no initial noise; use --group prompt")
     group = args.branches * (args.seeds_per_prompt if args.group == "prompt" else 1)
-    check(args.branches >= 1 and group >= 2, f"--branches {args.branches} and --seeds-per-prompt "
-          f"{args.seeds_per_prompt} make groups of {group}; advantages need at least 2 samples per group")
+    check(args.rollout == "tree" or args.branches >= 1 and group >= 2, f"--branches {args.branches} and "
+          f"--seeds-per-prompt {args.seeds_per_prompt} make groups of {group}; advantages need at least 2 samples "
+          f"per group")
+    check_tree(args, steps)
     check(args.shift >= 0, f"--shift {args.shift}: must be positive (or 0 for the model's own)")
     check(args.noise_level > 0, f"--noise-level {args.noise_level}: must be positive (the SDE needs noise)")
     check(args.sampler == "sde" or args.noise_level <= 1, f"--noise-level {args.noise_level}: --sampler cps needs "
@@ -1812,6 +1891,29 @@ def finalize(args: Args) -> Args:
     if args.eval_reward:
         parse_spec(args.eval_reward, "--eval-reward")
     return args
+
+
+def check_tree(args: Args, branch_steps: list[int]):
+    """BranchGRPO's flags: only with --rollout tree; splits among the stochastic (branch) steps, at least 2 children,
+    something left to train."""
+    given = [f for f in ("split_steps", "prune_depth", "prune_width") if getattr(args, f)]
+    check(args.rollout == "tree" or not given, f"--{given[0].replace('_', '-') if given else ''} needs --rollout "
+          f"tree (--method branch_grpo)")
+    if args.rollout != "tree":
+        return
+    steps = {}
+    for flag in ("split_steps", "prune_depth"):
+        try:
+            steps[flag] = parse_branch_steps(getattr(args, flag), args.steps) if getattr(args, flag) else []
+        except ValueError:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)!r} is not a list like 0,2,4 "
+                             f"or a range like 0-8")
+    check(steps["split_steps"] and set(steps["split_steps"]) <= set(branch_steps), f"--split-steps "
+          f"{args.split_steps!r}: each split must be a stochastic step, one of --branch-steps {branch_steps}")
+    check(args.split_factor >= 2, f"--split-factor {args.split_factor}: a split needs at least 2 children")
+    check(args.prune_width >= 0, f"--prune-width {args.prune_width}: must be 0 (no pruning) or more")
+    check(set(branch_steps) - set(steps["prune_depth"]), f"--prune-depth {args.prune_depth!r} prunes every "
+          f"trained step")
 
 
 def check(condition, message: str):

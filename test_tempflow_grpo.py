@@ -4,7 +4,7 @@ import math
 import subprocess
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -453,6 +453,87 @@ def test_finish_steps_change_only_how_branches_end(pipe):
         assert not torch.allclose(x, full.latents[full.image[row]][None], atol=1e-3)
 
 
+def tree_rollout(pipe, steps=6, branch_steps=(0, 1, 2, 3, 4), split_steps=(0, 2), factor=2, n=2, **options):
+    return tiny_rollout(pipe, 0, steps, branch_steps, n=n, split_steps=list(split_steps), split_factor=factor,
+                        **options)
+
+
+@pytest.mark.parametrize("max_batch", [1024, 4])
+def test_a_tree_costs_its_formula_and_grows_by_its_splits(pipe, max_batch):
+    """BranchGRPO's tree: before step i a root has f ** (splits before i) nodes, all of them in one batched call
+    (more calls under a small max_batch, the same latents); after it f ** (splits up to i) nodes, each the end of
+    one recorded transition; its leaves are f ** |splits| images. The count matches the formula (SPEC's example:
+    T = 10, splits 0, 3, 6, f = 2: 43 per root)."""
+    assert tg.rollout_nfe("tree", 10, list(range(9)), 6, 4.5, 0, [0, 3, 6], 2) == 2 * 43
+    latents, steps, splits = [], 6, (0, 2)
+    hook = pipe.transformer.register_forward_hook(lambda m, a, kw, o: latents.append(len(kw["hidden_states"])),
+                                                  with_kwargs=True)
+    try:
+        out, _, _ = tree_rollout(pipe, steps, split_steps=splits, max_batch=max_batch)
+    finally:
+        hook.remove()
+    before = [2 ** sum(k < i for k in splits) for i in range(steps)]
+    assert sum(latents) == 2 * tg.rollout_nfe("tree", steps, list(range(5)), 6, 4.5, 0, list(splits), 2)
+    assert sum(latents) == 2 * 2 * sum(before) and (len(latents) == steps) == (max_batch == 1024)
+    assert [int((out.step == i).sum()) for i in range(5)] == [2 * 2 ** sum(k <= i for k in splits) for i in range(5)]
+    assert len(out.latents) == 2 * 4 and out.image_noise.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_a_nodes_children_share_its_state_and_differ_only_in_their_sde_noise(pipe):
+    """At a split step the children of one node leave the state their parent reached, differ in their SDE sample
+    only, and score by the leaves below them: the nodes of a step with N of them split the L leaves in blocks of
+    L / N, in order."""
+    out, _, _ = tree_rollout(pipe)
+    parents, children = (out.step == 1).nonzero().flatten(), (out.step == 2).nonzero().flatten()
+    assert len(children) == 2 * len(parents) == 8
+    for j, child in enumerate(children.tolist()):
+        parent = parents[j // 2]
+        assert torch.equal(out.x[child], out.y[parent]), "a child left another state than its parent reached"
+        assert out.image[child] == j and out.span[child] == 1 and out.span[parent] == 2
+        assert out.image[parent] == 2 * (j // 2)
+    assert not torch.equal(out.y[children[0]], out.y[children[1]]), "two children drew the same SDE noise"
+    assert torch.equal(out.x[children[0]], out.x[children[1]])
+    assert (out.span[out.step == 0] == 2).all() and (out.span[out.step == 4] == 1).all()
+
+
+def test_fused_rewards_and_depth_wise_advantages_match_a_hand_computed_tree():
+    """One root, splits at steps 0 and 1 (f = 2), SDE at 0, 1, 2; leaf rewards 1, 3, 2, 6. A node's reward is the
+    mean of its leaves' (2 and 4 after step 0; the leaves' own after steps 1 and 2), its group the nodes of its
+    depth, A = (r - mean) / (population std + 1e-4). Width pruning to the best and worst leaf (6 and 1) trains
+    their paths only; depth pruning drops a step."""
+    step = torch.tensor([0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    first, span = torch.tensor([0, 2, 0, 1, 2, 3, 0, 1, 2, 3]), torch.tensor([2, 2, 1, 1, 1, 1, 1, 1, 1, 1])
+    k = len(step)
+    out = tg.Rollout(torch.zeros(0, 1), torch.zeros(4, dtype=torch.long), torch.full((4,), -1), torch.zeros(k, 1),
+                     torch.zeros(k, 1), torch.zeros(k), step, first, span)
+    scores = {"reward": torch.tensor([1.0, 3.0, 2.0, 6.0])}
+    assert tg.fused_rewards(scores["reward"], first, span).tolist() == [2, 4, 1, 3, 2, 6, 1, 3, 2, 6]
+    std_leaves = math.sqrt(((1 - 3) ** 2 + 0 + (2 - 3) ** 2 + (6 - 3) ** 2) / 4)
+    leaves = [(r - 3) / (std_leaves + 1e-4) for r in (1, 3, 2, 6)]
+    by_hand = [-1 / (1 + 1e-4), 1 / (1 + 1e-4), *leaves, *leaves]
+    args = tg.finalize(tg.Args(prompt_file=str(Path(tg.__file__).parent / "tiny_world" / "prompts.txt"),
+                               method="branch_grpo", steps=4, branch_steps="0-2", split_steps="0,1"))
+    batch, metrics = tg.trained_batch(out, scores, torch.zeros(1, dtype=torch.long), args)
+    assert torch.allclose(batch.advantage, torch.tensor(by_hand), atol=1e-6) and len(batch.x) == k
+    assert metrics["reward_mean"] == 3 and metrics["zero_std_frac"] == 0
+    batch, _ = tg.trained_batch(out, scores, torch.zeros(1, dtype=torch.long), replace(args, prune_width=1))
+    assert torch.allclose(batch.advantage, torch.tensor(by_hand)[[0, 1, 2, 5, 6, 9]], atol=1e-6)
+    batch, _ = tg.trained_batch(out, scores, torch.zeros(1, dtype=torch.long), replace(args, prune_depth="2"))
+    assert batch.step.tolist() == [0, 0, 1, 1, 1, 1]
+
+
+def test_a_branch_grpo_run_counts_its_trees_cost(random_model, prompt_file, tmp_path):
+    """--method branch_grpo on the tiny pipeline: the epoch's images, trained transitions and transformer
+    evaluations counted by the forward hook are the epoch's sizes from the formula."""
+    args = quick_args(random_model, prompt_file, tmp_path, "--method", "branch_grpo", "--split-steps", "0,1",
+                      "--epochs", "1", "--no-drop-zero-std")
+    row = tg.train(args)[0]
+    size = tg.epoch_size(args, tg.parse_branch_steps(args.branch_steps, args.steps))
+    assert (row["images"], row["transitions"], row["nfe"]) == (size["images"], size["transitions"],
+                                                                size["rollout_nfe"] + size["train_nfe"])
+    assert (size["images"], size["transitions"]) == (2 * 4, 2 * (2 + 4 + 4))
+
+
 # ---------------------------------------------------------------- advantages and the loss
 
 def test_group_advantages_are_standardised_per_group():
@@ -512,9 +593,10 @@ def lora_pipe():
     return pipe, tg.add_lora(pipe.transformer, rank=4)
 
 
-def tiny_batch(pipe, advantage, sampler="sde"):
-    """The branch rollout's transitions as a training batch with one advantage for all."""
-    out, _, sigmas = tiny_rollout(pipe, branches=2, sampler=sampler)
+def tiny_batch(pipe, advantage, sampler="sde", kind="branch"):
+    """The branch (or BranchGRPO tree) rollout's transitions as a training batch with one advantage for all."""
+    tree = dict(split_steps=[0, 2], split_factor=2) if kind == "tree" else {}
+    out, _, sigmas = tiny_rollout(pipe, branches=2 if kind == "branch" else 0, sampler=sampler, **tree)
     return tg.Batch(out.x, out.y, out.log_prob, out.step, out.image_noise[out.image] % 2,
                     torch.full_like(out.log_prob, advantage)), sigmas
 
@@ -566,12 +648,12 @@ def test_ema_follows_the_official_decay_schedule():
     assert torch.equal(param.detach(), torch.full((3,), 120.0))  # the live weights are back
 
 
-@pytest.mark.parametrize("sampler", ["sde", "cps"])
-def test_first_training_pass_has_ratio_one_and_zero_kl(lora_pipe, sampler):
+@pytest.mark.parametrize("sampler, kind", [("sde", "branch"), ("cps", "branch"), ("sde", "tree")])
+def test_first_training_pass_has_ratio_one_and_zero_kl(lora_pipe, sampler, kind):
     """Re-scoring freshly sampled transitions with the same policy gives ratio 1 and, before any update (B = 0),
-    KL 0 to the base model, under either sampler."""
+    KL 0 to the base model, under either sampler, and for BranchGRPO's tree."""
     pipe, _ = lora_pipe
-    batch, sigmas = tiny_batch(pipe, 1.0, sampler)
+    batch, sigmas = tiny_batch(pipe, 1.0, sampler, kind)
     args = tg.Args(guidance=4.5, beta=0.004, sampler=sampler)
     embeds = tg.encode_prompts(pipe, ["a red circle on the left", "two blue squares"])
     _, stats = tg.transition_loss(pipe.transformer, batch, torch.arange(len(batch.x)), embeds, sigmas,
@@ -580,15 +662,18 @@ def test_first_training_pass_has_ratio_one_and_zero_kl(lora_pipe, sampler):
     assert stats["kl"] == 0
 
 
-@pytest.mark.parametrize("advantage, sampler", [(1.0, "sde"), (-1.0, "sde"), (1.0, "cps"), (-1.0, "cps")])
-def test_one_update_moves_the_log_prob_with_the_advantage(lora_pipe, advantage, sampler):
-    """One optimizer step on transitions with positive advantage raises their log-probability; negative lowers it."""
+@pytest.mark.parametrize("advantage, sampler, kind", [(1.0, "sde", "branch"), (-1.0, "sde", "branch"),
+                                                     (1.0, "cps", "branch"), (-1.0, "cps", "branch"),
+                                                     (1.0, "sde", "tree"), (-1.0, "sde", "tree")])
+def test_one_update_moves_the_log_prob_with_the_advantage(lora_pipe, advantage, sampler, kind):
+    """One optimizer step on transitions with positive advantage raises their log-probability; negative lowers it
+    (branches and BranchGRPO's tree alike)."""
     pipe, params = lora_pipe
-    batch, sigmas = tiny_batch(pipe, advantage, sampler)
+    batch, sigmas = tiny_batch(pipe, advantage, sampler, kind)
     embeds = tg.encode_prompts(pipe, ["a red circle on the left", "two blue squares"])
     args = tg.Args(guidance=4.5, beta=0.0, clip_range=0.2, optimizer_steps=1, max_batch=1024, sampler=sampler)
     rows = torch.arange(len(batch.x))
-    optimizer = torch.optim.SGD(params, lr=1e-3)
+    optimizer = torch.optim.SGD(params, lr=1e-2)  # a step the ratio shows in float32 on every batch
     tg.update(pipe.transformer, params, optimizer, batch, embeds, sigmas, torch.ones(6), args, torch.Generator())
     with torch.no_grad():
         _, stats = tg.transition_loss(pipe.transformer, batch, rows, embeds, sigmas, torch.ones(6), args)
@@ -963,6 +1048,12 @@ def test_cuda_out_of_memory_names_the_flags_that_fix_it(random_model, prompt_fil
     (["--sampler", "cps", "--noise-level", "1.5"], b"a", "--noise-level"),
     (["--finish-steps", "-1"], b"a", "--finish-steps"),
     (["--method", "flow_grpo", "--finish-steps", "2"], b"a", "--finish-steps"),
+    (["--split-steps", "0,2"], b"a", "--split-steps"),                                  # TempFlow has no tree
+    (["--method", "branch_grpo", "--split-steps", "9"], b"a", "--split-steps"),         # the last step is ODE
+    (["--method", "branch_grpo", "--branch-steps", "0-3", "--split-steps", "0,6"], b"a", "--split-steps"),
+    (["--method", "branch_grpo", "--split-factor", "1"], b"a", "--split-factor"),
+    (["--method", "branch_grpo", "--prune-depth", "0-8"], b"a", "--prune-depth"),
+    (["--method", "branch_grpo", "--prune-width", "-1"], b"a", "--prune-width"),
     (["--resolution", "500"], b"a", "--resolution"),
     (["--method", "ppo"], b"a", "--method"),
     (["--rollout", "sde", "--group", "seed"], b"a", "--group"),

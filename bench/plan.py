@@ -275,16 +275,17 @@ def phases_of(world: World) -> dict:
         tg.cfg_velocity(pipe.transformer, *inputs, args.guidance)
     stand_in = Measured(pipe.transformer, call["peak"] - call["resident"])
     flops_per_latent = call["flops"] / (per_call * tg.cfg_copies(args.guidance))
-    per_prompt = args.seeds_per_prompt * (1 if args.rollout == "branch" else args.branches)
+    per_prompt = args.seeds_per_prompt * (args.branches if args.rollout == "sde" else 1)
     trunks = min(args.rollout_prompts, args.prompts_per_epoch) * per_prompt
     rows = torch.zeros(trunks, dtype=torch.long, device="meta")
     epoch_noise = world.noise(args.prompts_per_epoch * per_prompt)  # collect() draws the epoch's on the GPU
     with metered(*world.resident(), embeds, epoch_noise) as phases["sample"], tg.autocast(pipe.transformer):
         out = tg.rollout(stand_in, world.noise(trunks), embeds.take(rows), world.sigmas, world.branch_steps,
                          args.branches if args.rollout == "branch" else 0, args.noise_level, args.guidance,
-                         args.max_batch, torch.Generator(), args.sampler, args.finish_steps)
+                         args.max_batch, torch.Generator(), args.sampler, args.finish_steps, *tg.tree_shape(args))
     phases["sample"]["flops"] = tg.rollout_nfe(args.rollout, args.steps, world.branch_steps, args.branches,
-                                               args.guidance, args.finish_steps) * trunks * flops_per_latent
+                                               args.guidance, args.finish_steps, *tg.tree_shape(args)) * trunks * \
+        flops_per_latent
     # decode and score one chunk of --max-batch images: every chunk holds the same, beside the same rollout
     with metered(*world.resident(scoring=True), embeds, epoch_noise, *out) as phases["score"], \
             tg.autocast(pipe.transformer):
