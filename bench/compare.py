@@ -7,6 +7,7 @@
     python bench/compare.py batch        # prompts per epoch                                   (25 min)
     python bench/compare.py hacking      # train on `color`, judge by geneval_toy held out     (24 min)
     python bench/compare.py samplers     # {SDE, CPS} x branch finishes, on color and geneval_toy (2.4 hours)
+    python bench/compare.py branching_methods  # TempFlow-GRPO, BranchGRPO, Flow-GRPO on color and geneval_toy
 
 Each -> bench/results/<study>.md and <study>.png. Each run trains the tiny world (`--tiny`) until --budget latents
 have gone through the transformer (rollouts and updates, CFG's halves counted; evaluation excluded), evaluated
@@ -35,10 +36,12 @@ import tempflow_grpo as tg  # noqa: E402
 
 WORLD = ROOT / "tiny_world"
 PROMPTS, TRAIN, HELDOUT = WORLD / "prompts.txt", WORLD / "prompts_train.txt", WORLD / "prompts_heldout.txt"
-TEMPFLOW, FLOW_GRPO = ["--method", "tempflow"], ["--method", "flow_grpo"]
+TEMPFLOW, FLOW_GRPO, BRANCH_GRPO = ["--method", "tempflow"], ["--method", "flow_grpo"], ["--method", "branch_grpo"]
 UNIFORM = ["--weighting", "uniform"]
 FOUR = {"Flow-GRPO": FLOW_GRPO, "TempFlow-GRPO": TEMPFLOW, "branching, no weighting": TEMPFLOW + UNIFORM,
         "weighting, no branching": FLOW_GRPO + ["--weighting", "noise"]}  # Flow-GRPO first: the reference
+BRANCHING = {"Flow-GRPO": FLOW_GRPO, "TempFlow-GRPO": TEMPFLOW, "BranchGRPO": BRANCH_GRPO,
+             "BranchGRPO, width-pruned (2 + 2 leaves)": BRANCH_GRPO + ["--prune-width", "2"]}
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Study:
     keys: tuple = ("eval_reward",)
     weights: bool = False  # draw each panel's noise-aware weights under it (their flags set the grid)
     at_wall: bool = False  # also each variant's gain at the wall time its panel's first variant spent
+    transitions: bool = False  # also the transitions each variant trained on within the budget
 
 
 def label(study: Study, key: str) -> str:
@@ -115,8 +119,15 @@ STUDIES = {
                                "branch steps 0-3": sampler_panel("--branch-steps", "0-3")},
                               reward="geneval_toy", prompts=TRAIN, eval_prompts=HELDOUT, eval_samples=4,
                               budget=60_000, at_wall=True),
+    "branching_methods": Study("TempFlow-GRPO's one-step branches against BranchGRPO's tree (and Flow-GRPO), at "
+                               "equal NFE, on `color`", {"": BRANCHING}, budget=60_000, at_wall=True,
+                               transitions=True),
+    "branching_methods_geneval": Study("the three methods at equal NFE on the GenEval-style reward, trained on 40 "
+                                       "captions and evaluated on 16 held out", {"": BRANCHING},
+                                       reward="geneval_toy", prompts=TRAIN, eval_prompts=HELDOUT, eval_samples=4,
+                                       budget=60_000, at_wall=True, transitions=True),
 }
-ALSO = {"samplers": ["samplers_geneval"]}  # a study that runs with its twin on the other reward
+ALSO = {"samplers": ["samplers_geneval"], "branching_methods": ["branching_methods_geneval"]}  # twins, other reward
 
 
 def heldout_split(per_category: int = 8, seed: int = 0):
@@ -177,6 +188,16 @@ def curve(out: Path, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     points = [(0.0, 0.0, rows[0].get("base_" + key, 0.0))] + [(r["nfe"], r["wall_s"], r[key]) for r in rows
                                                                  if key in r]
     return tuple(np.array(column, dtype=float) for column in zip(*points))
+
+
+def trained(out: Path, budget: int) -> int:
+    """The transitions a run trained on in its epochs up to the one that spent `budget` evaluations."""
+    total = 0
+    for row in tg.read_rows(out / "metrics.jsonl"):
+        total += row["transitions"]
+        if row["nfe"] >= budget:
+            break
+    return total
 
 
 def first_reach(grid: np.ndarray, mean: np.ndarray, target: float) -> float | None:
@@ -255,6 +276,7 @@ def summarise(name: str, study: Study, args) -> list[str]:
                                 for k in study.keys]
         header += ["min .. max", f"NFE to reach {first}'s final", f"vs {first}", "wall s per run"]
         header += [f"gain at {first}'s wall s"] if study.at_wall else []
+        header += ["transitions trained per run"] if study.transitions else []
         lines += [f"## {panel}", ""] if panel else []
         lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for variant, flags in variants.items():
@@ -279,6 +301,7 @@ def summarise(name: str, study: Study, args) -> list[str]:
             at_wall = [np.interp(first_wall, wall, value - value[0])
                        for _, wall, value in (curve(out, study.keys[0]) for out in outs)]
             cells += [f"{np.mean(at_wall):+.4f} +- {np.std(at_wall):.4f}"] if study.at_wall else []
+            cells += [f"{np.mean([trained(out, args.budget) for out in outs]):,.0f}"] if study.transitions else []
             lines.append("| " + " | ".join(cells) + " |")
         if study.weights:
             s, w = panel_weights(variants[first])
