@@ -378,7 +378,7 @@ def server_reward(url: str, wait: float = 300.0, retry: bool = True) -> Callable
     RewardServerError."""
     import httpx
 
-    client, keys = httpx.Client(timeout=httpx.Timeout(wait, connect=min(wait, 10.0))), []
+    client, keys = httpx.Client(), []
 
     def score(images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
         body = post(client, url, {"prompts": list(prompts), "images": png_base64(images)}, wait, retry)
@@ -395,8 +395,10 @@ def post(client, url: str, payload: dict, wait: float, retry: bool) -> bytes:
 
     start, delay = time.monotonic(), 1.0
     while True:
+        left = max(wait - (time.monotonic() - start), 0.1)  # each try may take what is left of the wait
         try:
-            with client.stream("POST", url, json=payload) as response:
+            with client.stream("POST", url, json=payload, timeout=httpx.Timeout(left, connect=min(left, 10.0))
+                               ) as response:
                 if response.status_code not in RETRIED:
                     body = bytearray()
                     for chunk in response.iter_bytes():
