@@ -50,8 +50,8 @@ def main():
                         f"{(there - here) / 32 * 1000:.1f} |")
     finally:
         server.kill()
-    table = "\n".join(["| images | side (px) | request (MB) | client's PNG encoding (s) | served (s) | in process (s) | "
-                       "protocol's cost per image (ms) |", "| --- | --- | --- | --- | --- | --- | --- |", *rows])
+    table = "\n".join(["| images | side (px) | request (MB) | client's PNG encoding (s) | served (s) | "
+                       "in process (s) | protocol's cost per image (ms) |", "|" + " --- |" * 7, *rows])
     text = (f"# A reward server's cost: 32 images per request, `color`, 127.0.0.1\n\n"
             f"`python bench/reward_server.py`; the median of 5 requests after one untimed, on "
             f"{torch.get_num_threads()} threads.\n\n{table}\n")
