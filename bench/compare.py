@@ -7,7 +7,7 @@
     python bench/compare.py batch        # prompts per epoch                                   (25 min)
     python bench/compare.py hacking      # train on `color`, judge by geneval_toy held out     (24 min)
     python bench/compare.py samplers     # {SDE, CPS} x branch finishes, on color and geneval_toy (2.4 hours)
-    python bench/compare.py branching_methods  # TempFlow-GRPO, BranchGRPO, Flow-GRPO on color and geneval_toy
+    python bench/compare.py branching_methods  # the three methods on color and geneval_toy (20 min, given samplers')
 
 Each -> bench/results/<study>.md and <study>.png. Each run trains the tiny world (`--tiny`) until --budget latents
 have gone through the transformer (rollouts and updates, CFG's halves counted; evaluation excluded), evaluated
