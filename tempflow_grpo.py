@@ -474,7 +474,7 @@ def rollout(transformer, noise: Tensor, prompts: PromptEmbeds, sigmas: Tensor, b
             leaf_born = torch.cat([leaf_born, torch.full((len(y),), i)])
             trunk = ode_step(trunk, v_trunk, sigmas, i)
         elif i in branch_steps:
-            if i in split_steps:  # BranchGRPO: children k..k+f-1 of node k / f, all from its one velocity
+            if i in split_steps:  # BranchGRPO: node n's f children are rows n f .. n f + f - 1, of its one velocity
                 trunk, v_trunk, trunk_id = (t.repeat_interleave(split_factor, 0) for t in (trunk, v_trunk, trunk_id))
             y, log_prob, _, _ = sde_step(trunk, v_trunk, sigmas, i, noise_level, generator=generator, sampler=sampler)
             records.append((trunk, y, log_prob, i, torch.arange(len(y), device=y.device)))  # the nodes y become
