@@ -45,11 +45,14 @@ Deliberate departures from the paper or the official code (each a flag where it 
      official run used 48 GPUs; the update they make is the same.
   9. --sampler cps scores a transition by its Gaussian density, as the SDE does; Flow-GRPO's cps code drops the
      1 / (2 std_k^2) and -log std_k, so its log-ratios are 2 std_k^2 times these (sde_step).
- 10. --tiny changes the model, reward, resolution and the optimisation settings listed in TINY below, each
-     chosen by a measurement given there and in README.md.
+ 10. The KL divides by 2 std_k^2 under every method, as TempFlow-GRPO's code and Flow-GRPO's before July 2025 do;
+     Flow-GRPO's current code divides by 2 sigma_k^2 (no sqrt(-dt_k)), a KL -dt_k times this one (1/25 at k = 0 to
+     1/3.7 at k = 8 on the reference grid), so the same beta regularises less there.
  11. --method branch_grpo (arXiv 2509.06040) fuses rewards by the plain mean of a node's leaves (the paper may
      weight them by path probability), takes the ODE at the last step as Flow-GRPO here does, and trains every
      node's transition unless --prune-width or --prune-depth says otherwise.
+ 12. --tiny changes the model, reward, resolution and the optimisation settings listed in TINY below, each
+     chosen by a measurement given there and in README.md.
 """
 import argparse
 import ast
@@ -396,22 +399,24 @@ def finish_grid(k: int, steps: int, finish_steps: int = 0) -> list[int]:
 # =====================================================================================================
 
 
-def velocity(transformer, x: Tensor, sigma: Tensor, prompts: PromptEmbeds, rows: Tensor, guidance: float,
-             max_batch: int) -> Tensor:
-    """cfg_velocity of N latents x, latent n under prompt rows[n], in chunks of at most max_batch latents per
-    transformer call; each chunk gathers its own prompt rows (SD3.5's are 2.7 MB each)."""
+def sd3_velocity(transformer, prompts: PromptEmbeds, guidance: float, max_batch: int = 1 << 30):
+    """SD3's velocity_fn for rollout() and ode_rollout(): fn(x [n, C, H, W], sigma [n], rows [n]) -> v, the
+    cfg_velocity of latent j under prompt rows[j], in chunks of at most max_batch latents per transformer call;
+    each chunk gathers its own prompt rows (SD3.5's are 1.7 MB each in bf16). Another model's velocity with the
+    same signature serves the rollouts unchanged."""
     per_call = max(1, max_batch // cfg_copies(guidance))
-    return torch.cat([cfg_velocity(transformer, x[j:j + per_call], sigma[j:j + per_call],
-                                   prompts.take(rows[j:j + per_call]), guidance)
-                      for j in range(0, len(x), per_call)])
+
+    def velocity_fn(x: Tensor, sigma: Tensor, rows: Tensor) -> Tensor:
+        return torch.cat([cfg_velocity(transformer, x[j:j + per_call], sigma[j:j + per_call],
+                                       prompts.take(rows[j:j + per_call]), guidance)
+                          for j in range(0, len(x), per_call)])
+    return velocity_fn
 
 
-def ode_rollout(transformer, x: Tensor, sigmas: Tensor, prompts: PromptEmbeds, guidance: float,
-                start: int = 0, max_batch: int = 1 << 30) -> Tensor:
-    """Integrate the ODE from grid index start down to s_T = 0. x: [N, C, H, W]; prompts: N rows."""
+def ode_rollout(velocity_fn, x: Tensor, sigmas: Tensor, start: int = 0) -> Tensor:
+    """Integrate the ODE from grid index start down to s_T = 0. x: [N, C, H, W], latent n under row n."""
     for i in range(start, len(sigmas) - 1):
-        v = velocity(transformer, x, sigmas[i].expand(len(x)).to(x.device), prompts,
-                     torch.arange(len(x), device=prompts.embeds.device), guidance, max_batch)
+        v = velocity_fn(x, sigmas[i].expand(len(x)).to(x.device), torch.arange(len(x), device=x.device))
         x = ode_step(x, v, sigmas, i)
     return x
 
@@ -430,11 +435,12 @@ class Rollout(NamedTuple):
 
 
 @torch.no_grad()
-def rollout(transformer, noise: Tensor, prompts: PromptEmbeds, sigmas: Tensor, branch_steps: list[int],
-            branches: int, noise_level: float, guidance: float, max_batch: int, generator: torch.Generator,
-            sampler: str = "sde", finish_steps: int = 0, split_steps: list[int] = (), split_factor: int = 1
-            ) -> Rollout:
-    """Sample from N initial noises [N, C, H, W] (prompts: N rows), recording every stochastic transition.
+def rollout(velocity_fn, noise: Tensor, sigmas: Tensor, branch_steps: list[int], branches: int, noise_level: float,
+            generator: torch.Generator, sampler: str = "sde", finish_steps: int = 0, split_steps: list[int] = (),
+            split_factor: int = 1) -> Rollout:
+    """Sample from N initial noises [N, C, H, W], recording every stochastic transition. velocity_fn(x, sigma,
+    rows) -> v is the model's velocity of latents x [n, C, H, W] at noise levels sigma [n], latent j conditioned
+    as initial noise rows[j] is (sd3_velocity for SD3: its prompt, with CFG).
 
     branches > 0, TempFlow (SPEC 3): each row is an ODE trunk; at each branch step k it forks `branches` children
     y_{k,g} ~ N(mean_k, std_k^2) by sde_step's sampler, each finished by the ODE over finish_grid(k, T,
@@ -443,7 +449,7 @@ def rollout(transformer, noise: Tensor, prompts: PromptEmbeds, sigmas: Tensor, b
     branches = 0 with split_steps, BranchGRPO (arXiv 2509.06040): as Flow-GRPO, but at each split step every row forks
     split_factor children, SDE samples from its one velocity; the rows are a tree's nodes, the last ones its leaves.
     All live rows sit at one grid index (a branch finishing coarsely skips the indices off its path), so the
-    rollout is at most T batched transformer calls (chunked by max_batch).
+    rollout is at most T calls of velocity_fn.
     """
     steps = len(sigmas) - 1
     trunk, trunk_id = noise.float(), torch.arange(len(noise), device=noise.device)  # [N, C, H, W], [N]
@@ -462,7 +468,7 @@ def rollout(transformer, noise: Tensor, prompts: PromptEmbeds, sigmas: Tensor, b
         x, rows = torch.cat([trunk, leaves[due]]), torch.cat([trunk_id, leaf_id[due]])
         if not len(x):
             continue
-        v = velocity(transformer, x, sigmas[i].expand(len(x)).to(x.device), prompts, rows, guidance, max_batch)
+        v = velocity_fn(x, sigmas[i].expand(len(x)).to(x.device), rows)
         v_trunk, v_leaves = v[:len(trunk)], v[len(trunk):]
         leaves[due] = ode_step(leaves[due], v_leaves, sigmas, i, to[due])
         if i in branch_steps and branches:
@@ -739,8 +745,8 @@ def ode_images(pipe, prompts: PromptEmbeds, noise: Tensor, steps: int, guidance:
     [N, 3, H, W] in [0, 1]."""
     device = pipe.transformer.device
     with autocast(pipe.transformer):
-        latents = ode_rollout(pipe.transformer, noise.to(device), sigma_grid(pipe.scheduler, steps), prompts, guidance,
-                              max_batch=max_batch)
+        latents = ode_rollout(sd3_velocity(pipe.transformer, prompts, guidance, max_batch), noise.to(device),
+                              sigma_grid(pipe.scheduler, steps))
         return torch.cat([decode_latents(pipe, z) for z in latents.split(max_batch)])
 
 
@@ -1388,9 +1394,9 @@ def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, caption
     `shown` [>= M] marks for the grid."""
     device = pipe.transformer.device
     with timer("sample_s"), autocast(pipe.transformer):
-        out = rollout(pipe.transformer, noise.to(device), prompts, sigmas, branch_steps,
-                      args.branches if args.rollout == "branch" else 0, args.noise_level, args.guidance,
-                      args.max_batch, gen, args.sampler, args.finish_steps, *tree_shape(args))
+        out = rollout(sd3_velocity(pipe.transformer, prompts, args.guidance, args.max_batch), noise.to(device),
+                      sigmas, branch_steps, args.branches if args.rollout == "branch" else 0, args.noise_level, gen,
+                      args.sampler, args.finish_steps, *tree_shape(args))
     image_captions = [captions[n] for n in out.image_noise.tolist()]
     scores, kept = [], []
     with timer("score_s"), autocast(pipe.transformer), placed(reward_fn.models, device, args.offload_reward):

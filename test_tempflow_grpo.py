@@ -224,7 +224,7 @@ def test_ode_rollout_reproduces_the_diffusers_pipeline(pipe):
     x = tg.initial_noise(pipe, len(prompts), size, torch.Generator().manual_seed(0))
     sigmas = tg.sigma_grid(pipe.scheduler, steps)
     with torch.no_grad():
-        ours = tg.ode_rollout(pipe.transformer, x, sigmas, embeds, guidance)
+        ours = tg.ode_rollout(tg.sd3_velocity(pipe.transformer, embeds, guidance), x, sigmas)
     assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
 
 
@@ -376,8 +376,8 @@ def tiny_rollout(pipe, branches, steps=6, branch_steps=(0, 2, 4), n=2, guidance=
     gen = torch.Generator().manual_seed(seed)
     noise = tg.initial_noise(pipe, n, 64, gen)
     sigmas = tg.sigma_grid(pipe.scheduler, steps)
-    out = tg.rollout(pipe.transformer, noise, embeds.take(torch.arange(n) % 2), sigmas, list(branch_steps), branches,
-                     0.7, guidance, max_batch, gen, **options)
+    velocity_fn = tg.sd3_velocity(pipe.transformer, embeds.take(torch.arange(n) % 2), guidance, max_batch)
+    out = tg.rollout(velocity_fn, noise, sigmas, list(branch_steps), branches, 0.7, gen, **options)
     return out, embeds.take(torch.arange(n) % 2), sigmas
 
 
@@ -393,7 +393,8 @@ def test_branches_share_their_state_and_differ_only_in_the_sde_noise(pipe):
             assert not torch.equal(out.y[rows[0]], out.y[rows[1]]), "two branches drew the same SDE noise"
     row = ((out.step == 2) & (out.image_noise[out.image] == 1)).nonzero()[0, 0]
     with torch.no_grad():
-        finished = tg.ode_rollout(pipe.transformer, out.y[row:row + 1], sigmas, embeds.take([1]), 4.5, start=3)
+        finished = tg.ode_rollout(tg.sd3_velocity(pipe.transformer, embeds.take([1]), 4.5), out.y[row:row + 1], sigmas,
+                                  start=3)
     assert torch.allclose(finished, out.latents[out.image[row]][None], atol=1e-5)
 
 
@@ -969,7 +970,8 @@ def test_exported_lora_reproduces_the_trained_model():
         noise = tg.initial_noise(pipe, 2, 64, torch.Generator().manual_seed(0))
         embeds = tg.encode_prompts(pipe, ["a red circle on the left", "two blue squares"])
         with torch.no_grad():
-            return tg.ode_rollout(pipe.transformer, noise, tg.sigma_grid(pipe.scheduler, 4), embeds, 4.5)
+            return tg.ode_rollout(tg.sd3_velocity(pipe.transformer, embeds, 4.5), noise,
+                                  tg.sigma_grid(pipe.scheduler, 4))
     base = sample(fresh)
     with tempfile.TemporaryDirectory() as folder:
         tg.save_lora(trained, Path(folder))
@@ -1845,8 +1847,8 @@ def world_samples():
     captions = [c for cs in world.all_captions().values() for c in cs for _ in range(2)]
     noise = tg.initial_noise(pipe, len(captions), world.SIZE, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        latents = tg.ode_rollout(pipe.transformer, noise, tg.sigma_grid(pipe.scheduler, 10),
-                                 tg.encode_prompts(pipe, captions), 4.5)
+        latents = tg.ode_rollout(tg.sd3_velocity(pipe.transformer, tg.encode_prompts(pipe, captions), 4.5), noise,
+                                 tg.sigma_grid(pipe.scheduler, 10))
     images = tg.decode_latents(pipe, latents).permute(0, 2, 3, 1).numpy()
     return [reward.geneval_checks(image, caption) for image, caption in zip(images, captions)], captions
 
@@ -1875,8 +1877,8 @@ def test_a_shortened_world_build_runs_end_to_end(tmp_path):
     assert pipe.vae.config.scaling_factor != 1.0  # measured on the set, not the default
     noise = tg.initial_noise(pipe, 1, world.SIZE, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        latents = tg.ode_rollout(pipe.transformer, noise, tg.sigma_grid(pipe.scheduler, 2),
-                                 tg.encode_prompts(pipe, ["two red circles"]), 4.5)
+        latents = tg.ode_rollout(tg.sd3_velocity(pipe.transformer, tg.encode_prompts(pipe, ["two red circles"]), 4.5),
+                                 noise, tg.sigma_grid(pipe.scheduler, 2))
     assert tg.decode_latents(pipe, latents).shape == (1, 3, 64, 64)
 
 

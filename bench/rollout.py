@@ -64,7 +64,7 @@ def one_branch_at_a_time(transformer, noise, prompts, sigmas, branch_steps, bran
             v = tg.cfg_velocity(transformer, x, sigmas[i:i + 1], prompt, 4.5)
             for _ in range(branches if i in branch_steps else 0):
                 y = tg.sde_step(x, v, sigmas, i, 0.7, generator=gen)[0]
-                tg.ode_rollout(transformer, y, sigmas, prompt, 4.5, start=i + 1)
+                tg.ode_rollout(tg.sd3_velocity(transformer, prompt, 4.5), y, sigmas, start=i + 1)
             x = tg.ode_step(x, v, sigmas, i)
 
 
@@ -88,8 +88,8 @@ def run_variant(arch: str, resolution: int, variant: str, max_batch: int, repeat
             if variant == "one_at_a_time":
                 one_branch_at_a_time(transformer, noise, prompts, sigmas, branch_steps, 6, gen)
             else:
-                out = tg.rollout(transformer, noise, prompts, sigmas, branch_steps, 0 if variant == "sde" else 6,
-                                 0.7, 4.5, max_batch, gen)
+                out = tg.rollout(tg.sd3_velocity(transformer, prompts, 4.5, max_batch), noise, sigmas, branch_steps,
+                                 0 if variant == "sde" else 6, 0.7, gen)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
