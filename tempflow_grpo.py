@@ -435,19 +435,19 @@ class Rollout(NamedTuple):
 
 
 @torch.no_grad()
-def rollout(velocity_fn, noise: Tensor, sigmas: Tensor, branch_steps: list[int], branches: int, noise_level: float,
-            generator: torch.Generator, sampler: str = "sde", finish_steps: int = 0, split_steps: list[int] = (),
-            split_factor: int = 1) -> Rollout:
+def rollout(velocity_fn, noise: Tensor, sigmas: Tensor, kind: str, branch_steps: list[int], noise_level: float,
+            generator: torch.Generator, branches: int = 6, sampler: str = "sde", finish_steps: int = 0,
+            split_steps: list[int] = (), split_factor: int = 2) -> Rollout:
     """Sample from N initial noises [N, C, H, W], recording every stochastic transition. velocity_fn(x, sigma,
     rows) -> v is the model's velocity of latents x [n, C, H, W] at noise levels sigma [n], latent j conditioned
     as initial noise rows[j] is (sd3_velocity for SD3: its prompt, with CFG).
 
-    branches > 0, TempFlow (SPEC 3): each row is an ODE trunk; at each branch step k it forks `branches` children
+    kind "branch", TempFlow (SPEC 3): each row is an ODE trunk; at each branch step k it forks `branches` children
     y_{k,g} ~ N(mean_k, std_k^2) by sde_step's sampler, each finished by the ODE over finish_grid(k, T,
     finish_steps). Trunks stop after the last branch step.
-    branches = 0, Flow-GRPO (SPEC 7): each row takes the stochastic step at the branch steps, the ODE elsewhere.
-    branches = 0 with split_steps, BranchGRPO (arXiv 2509.06040): as Flow-GRPO, but at each split step every row forks
-    split_factor children, SDE samples from its one velocity; the rows are a tree's nodes, the last ones its leaves.
+    kind "sde", Flow-GRPO (SPEC 7): each row takes the stochastic step at the branch steps, the ODE elsewhere.
+    kind "tree", BranchGRPO (arXiv 2509.06040): as "sde", but at each of split_steps every row forks split_factor
+    children, SDE samples from its one velocity; the rows are a tree's nodes, the last ones its leaves.
     All live rows sit at one grid index (a branch finishing coarsely skips the indices off its path), so the
     rollout is at most T calls of velocity_fn.
     """
@@ -459,9 +459,9 @@ def rollout(velocity_fn, noise: Tensor, sigmas: Tensor, branch_steps: list[int],
     for k in branch_steps:  # hop[k, i]: the grid index a branch born at k steps to from s_i; 0 off its path
         path = finish_grid(k, steps, finish_steps)
         hop[k, path[:-1]] = torch.tensor(path[1:])
-    records, last = [], max(branch_steps)
+    records, last, branching = [], max(branch_steps), kind == "branch"
     for i in range(steps):
-        if branches and i > last:
+        if branching and i > last:
             trunk, trunk_id = trunk[:0], trunk_id[:0]  # no branch left to spawn: the trunk's work is done
         to = hop[leaf_born, i]
         due = (to > 0).nonzero().flatten()  # the leaves whose path has a step from s_i
@@ -471,7 +471,7 @@ def rollout(velocity_fn, noise: Tensor, sigmas: Tensor, branch_steps: list[int],
         v = velocity_fn(x, sigmas[i].expand(len(x)).to(x.device), rows)
         v_trunk, v_leaves = v[:len(trunk)], v[len(trunk):]
         leaves[due] = ode_step(leaves[due], v_leaves, sigmas, i, to[due])
-        if i in branch_steps and branches:
+        if i in branch_steps and branching:
             x_k, parent = trunk.repeat_interleave(branches, 0), trunk_id.repeat_interleave(branches)
             y, log_prob, _, _ = sde_step(x_k, v_trunk.repeat_interleave(branches, 0), sigmas, i, noise_level,
                                          generator=generator, sampler=sampler)
@@ -480,7 +480,7 @@ def rollout(velocity_fn, noise: Tensor, sigmas: Tensor, branch_steps: list[int],
             leaf_born = torch.cat([leaf_born, torch.full((len(y),), i)])
             trunk = ode_step(trunk, v_trunk, sigmas, i)
         elif i in branch_steps:
-            if i in split_steps:  # BranchGRPO: node n's f children are rows n f .. n f + f - 1, of its one velocity
+            if kind == "tree" and i in split_steps:  # BranchGRPO: node n's f children, rows n f .. n f + f - 1
                 trunk, v_trunk, trunk_id = (t.repeat_interleave(split_factor, 0) for t in (trunk, v_trunk, trunk_id))
             y, log_prob, _, _ = sde_step(trunk, v_trunk, sigmas, i, noise_level, generator=generator, sampler=sampler)
             records.append((trunk, y, log_prob, i, torch.arange(len(y), device=y.device)))  # the nodes y become
@@ -489,7 +489,7 @@ def rollout(velocity_fn, noise: Tensor, sigmas: Tensor, branch_steps: list[int],
             trunk = ode_step(trunk, v_trunk, sigmas, i)
     x_k, y, log_prob, step, image = zip(*records)
     step = torch.cat([torch.full_like(lp, k, dtype=torch.long) for lp, k in zip(log_prob, step)])
-    if branches:
+    if branching:
         latents, image_noise, image_step, span = leaves, leaf_id, step, torch.ones_like(step)
     else:  # node n of a step with N nodes has the leaves n * L/N .. (n + 1) * L/N - 1 below it (L/N = 1 but in a tree)
         latents, image_noise, image_step = trunk, trunk_id, torch.full_like(trunk_id, -1)
@@ -1395,8 +1395,8 @@ def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, caption
     device = pipe.transformer.device
     with timer("sample_s"), autocast(pipe.transformer):
         out = rollout(sd3_velocity(pipe.transformer, prompts, args.guidance, args.max_batch), noise.to(device),
-                      sigmas, branch_steps, args.branches if args.rollout == "branch" else 0, args.noise_level, gen,
-                      args.sampler, args.finish_steps, *tree_shape(args))
+                      sigmas, args.rollout, branch_steps, args.noise_level, gen, args.branches, args.sampler,
+                      args.finish_steps, *tree_shape(args))
     image_captions = [captions[n] for n in out.image_noise.tolist()]
     scores, kept = [], []
     with timer("score_s"), autocast(pipe.transformer), placed(reward_fn.models, device, args.offload_reward):

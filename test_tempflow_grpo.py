@@ -371,13 +371,15 @@ def test_non_finite_component_makes_that_sample_non_finite_only(tmp_path):
 
 def tiny_rollout(pipe, branches, steps=6, branch_steps=(0, 2, 4), n=2, guidance=4.5, max_batch=1024, seed=0,
                  **options):
-    """A rollout of n initial noises of two prompts on the tiny pipeline (options: sampler, finish_steps)."""
+    """A rollout of n initial noises of two prompts on the tiny pipeline: TempFlow's with branches > 0, Flow-GRPO's with
+    0, BranchGRPO's with split_steps (options: sampler, finish_steps, split_steps, split_factor)."""
     embeds = tg.encode_prompts(pipe, ["a red circle on the left", "two blue squares"])
     gen = torch.Generator().manual_seed(seed)
     noise = tg.initial_noise(pipe, n, 64, gen)
     sigmas = tg.sigma_grid(pipe.scheduler, steps)
     velocity_fn = tg.sd3_velocity(pipe.transformer, embeds.take(torch.arange(n) % 2), guidance, max_batch)
-    out = tg.rollout(velocity_fn, noise, sigmas, list(branch_steps), branches, 0.7, gen, **options)
+    kind = "tree" if options.get("split_steps") else "branch" if branches else "sde"
+    out = tg.rollout(velocity_fn, noise, sigmas, kind, list(branch_steps), 0.7, gen, branches, **options)
     return out, embeds.take(torch.arange(n) % 2), sigmas
 
 

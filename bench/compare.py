@@ -330,8 +330,8 @@ def branch_images(path: Path, prompts=("a red circle on the left", "two blue squ
     images, captions, lines = [], [], []
     for sampler in ("sde", "cps"):
         for finish in (0, 2, 1):
-            out = tg.rollout(tg.sd3_velocity(pipe.transformer, embeds, 4.5, 1024), noise, sigmas, list(steps),
-                             branches, 0.7, torch.Generator().manual_seed(1), sampler, finish)
+            out = tg.rollout(tg.sd3_velocity(pipe.transformer, embeds, 4.5, 1024), noise, sigmas, "branch",
+                             list(steps), 0.7, torch.Generator().manual_seed(1), branches, sampler, finish)
             rewards = geneval_toy(tg.decode_latents(pipe, out.latents), [prompts[n] for n in out.image_noise])
             # leaves come step by step, each trunk's branches together: order them prompt by prompt
             order = torch.argsort(out.image_noise * 100 + out.image_step, stable=True)

@@ -281,9 +281,8 @@ def phases_of(world: World) -> dict:
     epoch_noise = world.noise(args.prompts_per_epoch * per_prompt)  # collect() draws the epoch's on the GPU
     with metered(*world.resident(), embeds, epoch_noise) as phases["sample"], tg.autocast(pipe.transformer):
         out = tg.rollout(tg.sd3_velocity(stand_in, embeds.take(rows), args.guidance, args.max_batch),
-                         world.noise(trunks), world.sigmas, world.branch_steps,
-                         args.branches if args.rollout == "branch" else 0, args.noise_level, torch.Generator(),
-                         args.sampler, args.finish_steps, *tg.tree_shape(args))
+                         world.noise(trunks), world.sigmas, args.rollout, world.branch_steps, args.noise_level,
+                         torch.Generator(), args.branches, args.sampler, args.finish_steps, *tg.tree_shape(args))
     phases["sample"]["flops"] = tg.rollout_nfe(args.rollout, args.steps, world.branch_steps, args.branches,
                                                args.guidance, args.finish_steps, *tg.tree_shape(args)) * trunks * \
         flops_per_latent

@@ -88,8 +88,8 @@ def run_variant(arch: str, resolution: int, variant: str, max_batch: int, repeat
             if variant == "one_at_a_time":
                 one_branch_at_a_time(transformer, noise, prompts, sigmas, branch_steps, 6, gen)
             else:
-                out = tg.rollout(tg.sd3_velocity(transformer, prompts, 4.5, max_batch), noise, sigmas, branch_steps,
-                                 0 if variant == "sde" else 6, 0.7, gen)
+                out = tg.rollout(tg.sd3_velocity(transformer, prompts, 4.5, max_batch), noise, sigmas,
+                                 "sde" if variant == "sde" else "branch", branch_steps, 0.7, gen)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
