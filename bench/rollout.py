@@ -128,14 +128,15 @@ def in_fresh_process(*args) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["tiny", "sd35m"], default="tiny")
-    parser.add_argument("--resolution", type=int, default=None, help="default: 64 (tiny), 512 (sd35m)")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 64 (tiny and --reduced), 512 (sd35m)")
     parser.add_argument("--max-batch", type=int, default=None, help="default: 512 (tiny), 48 (sd35m)")
     parser.add_argument("--reduced", action="store_true", help="sd35m's miniature (bench/sd35m.py): a dry run")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each variant (the fastest counts)")
     parser.add_argument("--seeds", type=int, default=4, help="S, initial noises of the one prompt (reference: 4)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout.md")
     args = parser.parse_args()
-    resolution = args.resolution or (512 if args.arch == "sd35m" else 64)
+    resolution = args.resolution or (512 if args.arch == "sd35m" and not args.reduced else 64)  # the miniature's
+    # position embeddings reach 16 patches, 64 px
     max_batch = args.max_batch or (48 if args.arch == "sd35m" else 512)
     results = {v: in_fresh_process(args.arch, resolution, v, max_batch, args.repeats, args.reduced, args.seeds)
                for v in ("branch", "sde", "one_at_a_time")}
