@@ -738,6 +738,14 @@ def decode_latents(pipe, latents: Tensor) -> Tensor:
     return pipe.image_processor.postprocess(images.float(), output_type="pt")
 
 
+def autocast(transformer):
+    """Autocast to the transformer's dtype when it is below float32, on any device: a bf16 pipeline (CUDA's) runs
+    its matmuls in bf16 (on CUDA its norms and softmax in float32), the LoRA stays float32 and the step math casts
+    back to float32; a float32 pipeline (the CPU's default) runs as it is."""
+    dtype = transformer.dtype
+    return torch.autocast(transformer.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 @torch.no_grad()
 def ode_images(pipe, prompts: PromptEmbeds, noise: Tensor, steps: int, guidance: float, max_batch: int = 1 << 30
                ) -> Tensor:
@@ -1347,6 +1355,28 @@ def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor,
     return batch, embeds, metrics, (torch.cat([part[2] for part in parts]), captions)
 
 
+def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, captions: list[str], reward_fn,
+                 sigmas: Tensor, branch_steps: list[int], gen: torch.Generator, timer: "Timer", shown: Tensor
+                 ) -> tuple[Rollout, dict, Tensor]:
+    """Roll out N trunks (noise [N, C, H, W], prompts and captions: N rows), decode and score their images in
+    chunks of --max-batch; returns the rollout on the CPU without its latents, the scores [M] and the images that
+    `shown` [>= M] marks for the grid."""
+    device = pipe.transformer.device
+    with timer("sample_s"), autocast(pipe.transformer):
+        out = rollout(sd3_velocity(pipe.transformer, prompts, args.guidance, args.max_batch), noise.to(device),
+                      sigmas, args.rollout, branch_steps, args.noise_level, gen, args.branches, args.sampler,
+                      args.finish_steps, *tree_shape(args))
+    image_captions = [captions[n] for n in out.image_noise.tolist()]
+    scores, kept = [], []
+    with timer("score_s"), autocast(pipe.transformer), placed(reward_fn.models, device, args.offload_reward):
+        for j in range(0, len(out.latents), args.max_batch):
+            images = decode_latents(pipe, out.latents[j:j + args.max_batch])  # [<= max_batch, 3, H, W]
+            scores.append(reward_fn(images, image_captions[j:j + args.max_batch]))
+            kept.append(images[shown[j:j + len(images)].to(device)].cpu())
+    out = Rollout(*(t.cpu() for t in out._replace(latents=out.latents[:0])))
+    return out, {k: torch.cat([s[k] for s in scores]) for k in scores[0]}, torch.cat(kept)
+
+
 def trained_batch(out: Rollout, scores: dict, noise_prompt: Tensor, args: Args) -> tuple[Batch, dict]:
     """Rewards -> advantages over groups (SPEC 4; under torchrun from every process's rewards, for the global std
     and the metrics) -> the transitions that train, and the epoch's reward metrics."""
@@ -1384,28 +1414,6 @@ def trained_batch(out: Rollout, scores: dict, noise_prompt: Tensor, args: Args) 
                    zero_std_frac=all_groups[zero_std].unique().numel() / all_groups.unique().numel())
     metrics.update({f"reward_{k}": v[torch.isfinite(v)].mean().item() for k, v in everyone.items() if k != "reward"})
     return batch, metrics
-
-
-def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, captions: list[str], reward_fn,
-                 sigmas: Tensor, branch_steps: list[int], gen: torch.Generator, timer: "Timer", shown: Tensor
-                 ) -> tuple[Rollout, dict, Tensor]:
-    """Roll out N trunks (noise [N, C, H, W], prompts and captions: N rows), decode and score their images in
-    chunks of --max-batch; returns the rollout on the CPU without its latents, the scores [M] and the images that
-    `shown` [>= M] marks for the grid."""
-    device = pipe.transformer.device
-    with timer("sample_s"), autocast(pipe.transformer):
-        out = rollout(sd3_velocity(pipe.transformer, prompts, args.guidance, args.max_batch), noise.to(device),
-                      sigmas, args.rollout, branch_steps, args.noise_level, gen, args.branches, args.sampler,
-                      args.finish_steps, *tree_shape(args))
-    image_captions = [captions[n] for n in out.image_noise.tolist()]
-    scores, kept = [], []
-    with timer("score_s"), autocast(pipe.transformer), placed(reward_fn.models, device, args.offload_reward):
-        for j in range(0, len(out.latents), args.max_batch):
-            images = decode_latents(pipe, out.latents[j:j + args.max_batch])  # [<= max_batch, 3, H, W]
-            scores.append(reward_fn(images, image_captions[j:j + args.max_batch]))
-            kept.append(images[shown[j:j + len(images)].to(device)].cpu())
-    out = Rollout(*(t.cpu() for t in out._replace(latents=out.latents[:0])))
-    return out, {k: torch.cat([s[k] for s in scores]) for k in scores[0]}, torch.cat(kept)
 
 
 def transition_loss(transformer, batch: Batch, rows: Tensor, embeds: PromptEmbeds, sigmas: Tensor,
@@ -1466,14 +1474,6 @@ def update(transformer, params, optimizer, batch: Batch, embeds: PromptEmbeds, s
         totals["grad_norm"] = grad_norm.item()
     bar.close()
     return totals
-
-
-def autocast(transformer):
-    """Autocast to the transformer's dtype when it is below float32, on any device: a bf16 pipeline (CUDA's) runs
-    its matmuls in bf16 (on CUDA its norms and softmax in float32), the LoRA stays float32 and the step math casts
-    back to float32; a float32 pipeline (the CPU's default) runs as it is."""
-    dtype = transformer.dtype
-    return torch.autocast(transformer.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def setup(args: Args, device: torch.device) -> tuple:
