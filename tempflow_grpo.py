@@ -1,5 +1,5 @@
 """TempFlow-GRPO: GRPO fine-tuning of a flow-matching text-to-image model (Stable Diffusion 3.5-medium) with
-trajectory branching and noise-aware weighting, and the Flow-GRPO baseline behind a flag, in one file.
+trajectory branching and noise-aware weighting, and Flow-GRPO and BranchGRPO behind a flag, in one file.
 
     python tempflow_grpo.py --tiny --prompt-file tiny_world/prompts.txt --out runs/tiny   # CPU, minutes
     python tempflow_grpo.py --prompt-file prompts.txt --out runs/sd35m                    # one GPU, SD3.5-M + PickScore
