@@ -538,12 +538,10 @@ def fused_rewards(rewards: Tensor, first: Tensor, span: Tensor) -> Tensor:
     """BranchGRPO's reward fusion (arXiv 2509.06040): node n's reward is the mean of the finite rewards of
     its leaves, first[n] .. first[n] + span[n] - 1 of rewards [M]; NaN if none is finite. Returns [K]."""
     valid = torch.isfinite(rewards)
-    node = torch.arange(len(first)).repeat_interleave(span)  # [sum(span)]: each (node, leaf) pair
-    leaf = first.repeat_interleave(span) + torch.arange(len(node)) - (span.cumsum(0) - span).repeat_interleave(span)
-    total = torch.zeros(len(first), dtype=torch.double).index_add_(0, node, rewards[leaf].double().nan_to_num() *
-                                                                      valid[leaf])
-    count = torch.zeros(len(first), dtype=torch.double).index_add_(0, node, valid[leaf].double())
-    return (total / count).float()  # 0 / 0: NaN
+    # sums over leaves 0..j-1 (float32 rewards add exactly in float64), so a node's sum is a difference of two
+    total = torch.cat([torch.zeros(1, dtype=torch.double), torch.where(valid, rewards, 0).double().cumsum(0)])
+    count = torch.cat([torch.zeros(1, dtype=torch.long), valid.long().cumsum(0)])
+    return ((total[first + span] - total[first]) / (count[first + span] - count[first])).float()  # 0 / 0: NaN
 
 
 def width_pruned(rewards: Tensor, first: Tensor, span: Tensor, leaves: int, keep: int) -> Tensor:
@@ -1324,10 +1322,11 @@ def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor,
     device = pipe.transformer.device
     with timer("sample_s"), placed(text_encoders(pipe), device, args.offload_text_encoders):
         embeds = encode_prompts(pipe, prompts)
-    per_prompt = args.seeds_per_prompt * (args.branches if args.rollout == "sde" else 1)
+    size = epoch_size(args, branch_steps)
+    per_prompt = size["trunks"] // args.prompts_per_epoch  # initial noises per prompt
     noise_prompt = torch.arange(len(prompts)).repeat_interleave(per_prompt)  # [N]
     noise = initial_noise(pipe, len(noise_prompt), args.resolution, gen)  # [N, C, H, W]
-    images = epoch_size(args, branch_steps)["images"] // world
+    images = size["images"] // world
     shown = torch.zeros(images, dtype=torch.bool)
     shown[torch.linspace(0, images - 1, min(32, images)).long()] = True  # the grid's images, spread over the epoch
     parts, before, failure = [], 0, None  # before: the epoch's images sampled before this chunk
@@ -1397,8 +1396,7 @@ def trained_batch(out: Rollout, scores: dict, noise_prompt: Tensor, args: Args) 
     mine, valid = slice(rank * m, (rank + 1) * m), torch.isfinite(reward)
     if tree:
         keep, advantage = valid & ~(zero_std[mine] & args.drop_zero_std), advantages[mine]
-        keep &= ~torch.isin(out.step, torch.tensor(parse_branch_steps(args.prune_depth, args.steps)
-                                                   if args.prune_depth else [], dtype=torch.long))
+        keep &= ~torch.isin(out.step, torch.tensor(pruned_steps(args), dtype=torch.long))
         if args.prune_width:
             splits, factor = tree_shape(args)
             keep &= width_pruned(scores["reward"], out.image, out.span, factor ** len(splits), args.prune_width)
@@ -1504,16 +1502,22 @@ def tree_shape(args: Args) -> tuple[list[int], int]:
     return parse_branch_steps(args.split_steps, args.steps), args.split_factor
 
 
+def pruned_steps(args: Args) -> list[int]:
+    """The steps --prune-depth leaves untrained (none when it is empty)."""
+    return parse_branch_steps(args.prune_depth, args.steps) if args.prune_depth else []
+
+
 def epoch_size(args: Args, branch_steps: list[int]) -> dict:
     """An epoch's size, derived once from the settings: trunks, images, transitions, transformer evaluations."""
     trunks = args.prompts_per_epoch * args.seeds_per_prompt * (args.branches if args.rollout == "sde" else 1)
-    images = trunks * (len(branch_steps) * args.branches if args.rollout == "branch" else 1)
-    transitions = images * (1 if args.rollout == "branch" else len(branch_steps))
     splits, factor = tree_shape(args)
     if args.rollout == "tree":  # a root's leaves; its nodes after each trained step (at most, with --prune-width)
         images = trunks * factor ** len(splits)
-        pruned = parse_branch_steps(args.prune_depth, args.steps) if args.prune_depth else []
-        transitions = trunks * sum(factor ** sum(k <= i for k in splits) for i in branch_steps if i not in pruned)
+        transitions = trunks * sum(factor ** sum(k <= i for k in splits) for i in branch_steps
+                                   if i not in pruned_steps(args))
+    else:
+        images = trunks * (len(branch_steps) * args.branches if args.rollout == "branch" else 1)
+        transitions = images * (1 if args.rollout == "branch" else len(branch_steps))
     sampling = trunks * rollout_nfe(args.rollout, args.steps, branch_steps, args.branches, args.guidance,
                                     args.finish_steps, splits, factor)
     # training: the policy's forward and, with beta > 0, the base model's, CFG's halves counted
@@ -1902,9 +1906,9 @@ def finalize(args: Args) -> Args:
 def check_tree(args: Args, branch_steps: list[int]):
     """BranchGRPO's flags: only with --rollout tree; splits among the stochastic (branch) steps, at least 2 children,
     something left to train."""
-    given = [f for f in ("split_steps", "prune_depth", "prune_width") if getattr(args, f)]
-    check(args.rollout == "tree" or not given, f"--{given[0].replace('_', '-') if given else ''} needs --rollout "
-          f"tree (--method branch_grpo)")
+    for flag in ("split_steps", "prune_depth", "prune_width"):
+        check(args.rollout == "tree" or not getattr(args, flag), f"--{flag.replace('_', '-')} needs --rollout tree "
+              f"(--method branch_grpo)")
     if args.rollout != "tree":
         return
     steps = {}

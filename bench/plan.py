@@ -275,7 +275,7 @@ def phases_of(world: World) -> dict:
         tg.cfg_velocity(pipe.transformer, *inputs, args.guidance)
     stand_in = Measured(pipe.transformer, call["peak"] - call["resident"])
     flops_per_latent = call["flops"] / (per_call * tg.cfg_copies(args.guidance))
-    per_prompt = args.seeds_per_prompt * (args.branches if args.rollout == "sde" else 1)
+    per_prompt = tg.epoch_size(args, world.branch_steps)["trunks"] // args.prompts_per_epoch
     trunks = min(args.rollout_prompts, args.prompts_per_epoch) * per_prompt
     rows = torch.zeros(trunks, dtype=torch.long, device="meta")
     epoch_noise = world.noise(args.prompts_per_epoch * per_prompt)  # collect() draws the epoch's on the GPU
