@@ -538,10 +538,11 @@ def fused_rewards(rewards: Tensor, first: Tensor, span: Tensor) -> Tensor:
     """BranchGRPO's reward fusion (arXiv 2509.06040): node n's reward is the mean of the finite rewards of
     its leaves, first[n] .. first[n] + span[n] - 1 of rewards [M]; NaN if none is finite. Returns [K]."""
     valid = torch.isfinite(rewards)
-    # sums over leaves 0..j-1 (float32 rewards add exactly in float64), so a node's sum is a difference of two
+    # prefix sums over leaves 0..j-1 (float32 rewards add exactly in float64) of the rewards and of their count
     total = torch.cat([torch.zeros(1, dtype=torch.double), torch.where(valid, rewards, 0).double().cumsum(0)])
     count = torch.cat([torch.zeros(1, dtype=torch.long), valid.long().cumsum(0)])
-    return ((total[first + span] - total[first]) / (count[first + span] - count[first])).float()  # 0 / 0: NaN
+    # r_n = sum of leaf rewards / number of finite leaves, over leaves first[n] .. first[n] + span[n] - 1 (0 / 0: NaN)
+    return ((total[first + span] - total[first]) / (count[first + span] - count[first])).float()
 
 
 def width_pruned(rewards: Tensor, first: Tensor, span: Tensor, leaves: int, keep: int) -> Tensor:
