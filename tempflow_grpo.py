@@ -1,5 +1,5 @@
-"""TempFlow-GRPO: GRPO fine-tuning of a flow-matching text-to-image model (Stable Diffusion 3.5-medium) with
-trajectory branching and noise-aware weighting, and Flow-GRPO and BranchGRPO behind a flag, in one file.
+"""TempFlow-GRPO (arXiv 2508.04324): GRPO fine-tuning of a flow-matching text-to-image model (Stable Diffusion
+3.5-medium) with trajectory branching and noise-aware weighting, and Flow-GRPO and BranchGRPO behind a flag.
 
     python tempflow_grpo.py --tiny --prompt-file tiny_world/prompts.txt --out runs/tiny   # CPU, minutes
     python tempflow_grpo.py --prompt-file prompts.txt --out runs/sd35m                    # one GPU, SD3.5-M + PickScore
@@ -7,10 +7,12 @@ trajectory branching and noise-aware weighting, and Flow-GRPO and BranchGRPO beh
     python tempflow_grpo.py --method flow_grpo ...                                       # the baseline
 
 An epoch: sample P prompts; for each, S initial noises; integrate an ODE trunk from each noise and, at every
-branch step k, draw G SDE branches from the trunk state x_k, each finished by the ODE (TempFlow, SPEC 3). The
-reward of a branch's image is the process reward of step k, so advantages are normalised over the G branches of
-one (prompt, seed, k). The clipped GRPO loss on each recorded transition x_k -> y is weighted by w_k, the SDE
-std of step k over its mean (SPEC 5), plus beta times the exact KL to the base model (LoRA switched off).
+branch step k, draw G SDE branches from the trunk state x_k, each finished by the ODE (TempFlow-GRPO, "Trajectory
+Branching"). The reward of a branch's image is the process reward of step k, so advantages are normalised over the
+G branches of one (prompt, seed, k). The clipped GRPO loss (Flow-GRPO, arXiv 2505.05470, Eq. 5) on each recorded
+transition x_k -> y is weighted by w_k, the SDE std of step k over its mean ("Noise-Aware Policy Weighting"), plus
+beta times the exact KL to the base model (LoRA switched off). README.md, "The method, formula by formula", states
+each formula with its source; comments cite its items as (method n).
 
 Notation (code -> paper):
     sigmas[i]         s_i, noise level of grid index i; s_0 = 1 (noise) > ... > s_T = 0 (image)
@@ -31,12 +33,12 @@ Shape letters: N initial noises (trunks), M final images, K recorded transitions
 height and width, P prompts, L prompt tokens, D embedding width.
 
 Deliberate departures from the paper or the official code (each a flag where it is a choice):
-  1. log pi is averaged, not summed, over the latent's C*H*W elements (the official convention; SPEC 2).
+  1. log pi is averaged, not summed, over the latent's C*H*W elements (the official convention; method 2).
   2. w_k is computed from the grid; one public script multiplies std_k by a hard-coded 2.25 instead (about 1 / the
-     mean std of the reference grid, 0.1% off; SPEC 5).
-  3. A trunk stops after the last branch step, as SPEC 3's cost counts it (max(B) + 1 trunk evaluations).
+     mean std of the reference grid, 0.1% off; method 5).
+  3. A trunk stops after the last branch step, as the method's cost counts it (max(B) + 1 trunk evaluations).
   4. A sample with a non-finite reward is left out of its group and counted as invalid (the official code has no
-     such case); zero advantages follow the official rule (SPEC 6, `trained_images`).
+     such case); zero advantages follow the official rule (method 6, `trained_images`).
   5. The Flow-GRPO rollout takes the SDE at the trained steps (all but the last) and the ODE at the last.
   6. Latents are float32 throughout; a bf16 pipeline (CUDA's) runs under bf16 autocast, the step math in float32.
   7. Rewards enter the advantages as they are; the official code divides PickScore by 26 first, which only the
@@ -52,10 +54,8 @@ Deliberate departures from the paper or the official code (each a flag where it 
      weight them by path probability), takes the ODE at the last step as Flow-GRPO here does, and trains every
      node's transition unless --prune-width or --prune-depth says otherwise.
  12. --tiny changes the model, reward, resolution and the optimisation settings listed in TINY below, each
-     chosen by a measurement given there and in README.md.
+     chosen by a measurement given there and in bench/README.md.
 """
-import argparse
-import ast
 import copy
 import datetime
 import hashlib
@@ -82,13 +82,10 @@ from tqdm.auto import tqdm
 
 from reward import RewardServerError, check_servers, load_reward, parse_spec, required_models, to_pil
 
-# Without torchvision, transformers falls back to its PIL image processors (fine here) and says so at every start.
-logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requires torchvision" not in r.getMessage())
-
 
 # =====================================================================================================
-# Configuration: every setting, its default (SPEC's reference value where it has one) and its meaning.
-# The command line is generated from these fields; their docstrings are its --help.
+# Configuration: every setting, its default (the papers' reference recipe where it has one) and its meaning.
+# tyro makes the command line from these fields; their docstrings are its --help.
 # =====================================================================================================
 
 
@@ -100,13 +97,13 @@ class Args:
     out: str = "runs/tempflow"
     """output folder: config.json, metrics.jsonl, checkpoints/, the final LoRA in lora/"""
     tiny: bool = False
-    """the CPU demo: the tiny world (tiny_world/pipeline), geneval_toy, 64 px, and the departures in the docstring
-    (from Python: Args(**TINY, tiny=True, ...), as the command line does)"""
+    """the CPU demo: the tiny world (tiny_world/pipeline), geneval_toy, 64 px and TINY's settings as defaults,
+    which `--tiny --help` shows (from Python: Args(**TINY, tiny=True, ...))"""
     model: str = "stabilityai/stable-diffusion-3.5-medium"
     """diffusers StableDiffusion3Pipeline: a hub id or a local folder"""
     reward: str = "pickscore"
-    """reward spec: name[:weight],... or path/to/file.py:function or http://host:port/path, a reward server
-    (see reward.py)"""
+    """reward spec: name[:weight],... or path/to/file.py:function or http://host:port/path, a reward server; see
+    reward.py"""
     reward_wait: float = 300.0
     """seconds a reward server may take to answer, retries of one that does not included; then the run saves its
     last complete epoch and stops, for --resume"""
@@ -117,18 +114,18 @@ class Args:
 
     # ---- method: --method sets the next three; each can be overridden alone for the paper's ablations
     method: str = "tempflow"
-    """tempflow (branch, noise, seed, group std), flow_grpo (sde, uniform, prompt, global std) or branch_grpo
-    (tree, uniform, seed: a group is one depth of one tree, group std; arXiv 2509.06040)"""
+    """tempflow (branch, noise, seed, group std), flow_grpo (sde, uniform, prompt, global std) or BranchGRPO's
+    branch_grpo (tree, uniform, seed: a group is one depth of one tree, group std; arXiv 2509.06040)"""
     rollout: str = ""
-    """branch: ODE trunk with G SDE branches per branch step (SPEC 3); sde: SDE at every branch step (SPEC 7);
+    """branch: ODE trunk with G SDE branches per branch step (method 3); sde: SDE at every branch step (method 7);
     tree: sde whose rows fork at the --split-steps, BranchGRPO's tree"""
     weighting: str = ""
-    """noise: w_k = std_k / mean_j std_j (SPEC 5); uniform: w_k = 1"""
+    """noise: w_k = std_k / mean_j std_j (method 5); uniform: w_k = 1"""
     group: str = ""
     """seed: advantages over the G branches of one (prompt, seed, k); prompt: over all S*G samples of (prompt, k)"""
     adv_std: str = ""
     """group: A divides by each group's std (TempFlow); global: by the std of all the epoch's rewards, the mean
-    still per group (Flow-GRPO's SD3 configs, SPEC 7)"""
+    still per group (Flow-GRPO's SD3 configs, method 7)"""
 
     # ---- sampling
     steps: int = 10
@@ -149,7 +146,7 @@ class Args:
     """a, the noise level of the stochastic steps (paper: 0.7; with --sampler cps it must lie in (0, 1])"""
     sampler: str = "sde"
     """the stochastic step of rollout and training: sde, Flow-GRPO's reverse SDE (the paper's); cps,
-    coefficients-preserving sampling (arXiv 2509.05952; README.md, "Samplers and cheaper branches"): std_k = s_{k+1}
+    coefficients-preserving sampling (arXiv 2509.05952; bench/README.md, study 6): std_k = s_{k+1}
     sin(a pi / 2) with a in (0, 1]; the log-probs, the KL and the noise-aware weights follow it"""
     finish_steps: int = 0
     """F: each branch is finished by at most F ODE steps over its remaining grid, ending at s = 0 (0: every step
@@ -195,8 +192,8 @@ class Args:
     max_batch: int = 32
     """most latents in one no-grad transformer call (rollout, evaluation) and one VAE decode, CFG's halves counted"""
     train_batch: int = 8
-    """most latents in one training forward and backward, CFG's halves counted; gradients accumulate over them
-    (8: bench/gpu.py's first guess for an 80 GB card, not yet measured on one)"""
+    """most latents in one training forward and backward, CFG's halves counted; gradients accumulate over them,
+    and 8 fits an 80 GB card by bench/plan.py's prediction (not yet measured on one)"""
     rollout_prompts: int = 4
     """prompts sampled, decoded and scored together: GPU memory grows with this, not with --prompts-per-epoch"""
     gradient_checkpointing: bool = False
@@ -217,8 +214,8 @@ class Args:
     eval_prompt_file: str = ""
     """evaluation prompts, one image each from fixed noise with the ODE; empty: no evaluation"""
     eval_reward: str = ""
-    """reward spec of evaluation, when it should differ from training's (reward hacking shows as a gap); empty:
-    --reward"""
+    """reward spec of evaluation, when it should differ from training's (reward hacking shows as a gap); if
+    empty, that of --reward"""
     eval_every: int = 10
     """epochs between evaluations (and after the last epoch)"""
     eval_steps: int = 40
@@ -233,7 +230,7 @@ class Args:
 
 
 # =====================================================================================================
-# Flow-matching math (SPEC 1-2). Pure functions of tensors: torch only, float32 inside.
+# Flow-matching math (method 1-2). Pure functions of tensors: torch only, float32 inside.
 # =====================================================================================================
 
 
@@ -248,36 +245,17 @@ def sigma_grid(scheduler, steps: int, shift: float = 0.0) -> Tensor:
     return scheduler.sigmas  # [T + 1], float32
 
 
-def grid_step(sigmas: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:
-    """s_i and dt_i for grid indices i (any shape)."""
-    # dt_i = s_{i+1} - s_i < 0: sampling runs from noise (s = 1) to image (s = 0)
-    return sigmas[i], sigmas[i + 1] - sigmas[i]
-
-
-def sde_scale(sigmas: Tensor, i: Tensor, noise_level: float) -> tuple[Tensor, Tensor]:
-    """sigma_i, the diffusion coefficient of the reverse SDE, and std_i, the std of one Euler-Maruyama step."""
-    s, dt = grid_step(sigmas, i)
-    # sigma_i = a sqrt(s_i / (1 - s_i)); at s_i = 1 the denominator uses s_1 to stay finite
-    sigma = noise_level * torch.sqrt(s / (1 - torch.where(s == 1, sigmas[1], s)))
-    # std_i = sigma_i sqrt(-dt_i)
-    return sigma, sigma * torch.sqrt(-dt)
-
-
-def _as_index(i, batch: int, device) -> Tensor:
-    """An int or a LongTensor[B] of grid indices as a LongTensor[B]."""
-    return torch.as_tensor(i, dtype=torch.long, device=device).expand(batch)
-
-
-def _per_sample(t: Tensor) -> Tensor:
-    return t.view(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1], to broadcast over a latent
-
-
-def transition_std(sigmas: Tensor, i: Tensor, noise_level: float, sampler: str = "sde") -> Tensor:
-    """std_i of one stochastic step from s_i to s_{i+1}: the SDE's sigma_i sqrt(-dt_i), or CPS's."""
+def transition_std(sigmas: Tensor, i: Tensor, noise_level: float, sampler: str = "sde") -> tuple[Tensor, Tensor]:
+    """sigma_i and std_i of one stochastic step from s_i to s_{i+1}, for grid indices i (any shape): the reverse
+    SDE's diffusion coefficient and the std of its Euler-Maruyama step, or CPS's std (and sigma_i None)."""
     if sampler == "cps":
-        # std_i = s_{i+1} sin(a pi / 2)   (CPS, arXiv 2509.05952)
-        return sigmas[i + 1] * math.sin(noise_level * math.pi / 2)
-    return sde_scale(sigmas, i, noise_level)[1]
+        # std_i = s_{i+1} sin(a pi / 2)
+        return None, sigmas[i + 1] * math.sin(noise_level * math.pi / 2)
+    s = sigmas[i]
+    # sigma_i = a sqrt(s_i / (1 - s_i)) (Flow-GRPO, after Eq. 9); at s_i = 1 the denominator uses s_1, to stay finite
+    sigma = noise_level * torch.sqrt(s / (1 - torch.where(s == 1, sigmas[1], s)))
+    # std_i = sigma_i sqrt(-dt_i), where -dt_i = s_i - s_{i+1} > 0
+    return sigma, sigma * torch.sqrt(sigmas[i] - sigmas[i + 1])
 
 
 def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, noise_level: float, prev_sample: Tensor | None = None,
@@ -294,16 +272,17 @@ def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, noise_level: float, prev_s
     2 std_i^2 times these and its clip range means another thing at every step; here both samplers use the density.
     """
     x, v, sigmas = x.float(), v.float(), sigmas.to(x.device, torch.float32)
-    i = _as_index(i, x.shape[0], x.device)
-    s, dt = map(_per_sample, grid_step(sigmas, i))
+    i = torch.as_tensor(i, dtype=torch.long, device=x.device).expand(len(x))  # [B]
+    sigma, std = (t if t is None else t.view(-1, 1, 1, 1) for t in transition_std(sigmas, i, noise_level, sampler))
+    s = sigmas[i].view(-1, 1, 1, 1)  # [B, 1, 1, 1], to broadcast over a latent
+    # dt_i = s_{i+1} - s_i < 0: sampling runs from noise (s = 1) to image (s = 0)
+    dt = sigmas[i + 1].view(-1, 1, 1, 1) - s
     if sampler == "cps":
-        std = _per_sample(transition_std(sigmas, i, noise_level, sampler))
-        # mean_i = (1 - s_{i+1}) x0_hat + sqrt(s_{i+1}^2 - std_i^2) x1_hat, with x0_hat = x_i - s_i v the predicted
-        # image and x1_hat = x_i + (1 - s_i) v the predicted noise; the square root is s_{i+1} cos(a pi / 2)
+        # mean_i = (1 - s_{i+1}) x0_hat + sqrt(s_{i+1}^2 - std_i^2) x1_hat (CPS), with x0_hat = x_i - s_i v the
+        # predicted image and x1_hat = x_i + (1 - s_i) v the predicted noise; the square root is s_{i+1} cos(a pi / 2)
         mean = (1 - s - dt) * (x - s * v) + (s + dt) * math.cos(noise_level * math.pi / 2) * (x + (1 - s) * v)
     else:
-        sigma, std = map(_per_sample, sde_scale(sigmas, i, noise_level))
-        # mean_i = x_i + [v + sigma_i^2 / (2 s_i) (x_i + (1 - s_i) v)] dt_i   (drift plus the score correction)
+        # mean_i = x_i + [v + sigma_i^2 / (2 s_i) (x_i + (1 - s_i) v)] dt_i   (drift + score term; Flow-GRPO Eq. 9)
         mean = x + (v + sigma**2 / (2 * s) * (x + (1 - s) * v)) * dt
     if prev_sample is None:
         eps = torch.randn(x.shape, generator=generator, device=x.device)
@@ -320,10 +299,10 @@ def ode_step(x: Tensor, v: Tensor, sigmas: Tensor, i, j=None) -> Tensor:
     """One Euler step of the probability-flow ODE from s_i to s_j, j = i + 1 unless given (a coarse branch finish
     jumps further); i and j are ints or LongTensor[B]."""
     x, v, sigmas = x.float(), v.float(), sigmas.to(x.device, torch.float32)
-    i = _as_index(i, x.shape[0], x.device)
-    j = i + 1 if j is None else _as_index(j, x.shape[0], x.device)
+    i = torch.as_tensor(i, dtype=torch.long, device=x.device).expand(len(x))
+    j = i + 1 if j is None else torch.as_tensor(j, dtype=torch.long, device=x.device).expand(len(x))
     # x_j = x_i + (s_j - s_i) v
-    return x + _per_sample(sigmas[j] - sigmas[i]) * v
+    return x + (sigmas[j] - sigmas[i]).view(-1, 1, 1, 1) * v
 
 
 class PromptEmbeds(NamedTuple):
@@ -351,7 +330,7 @@ def cfg_velocity(transformer, x: Tensor, sigma: Tensor, prompts: PromptEmbeds, g
     prompts holds N rows. One transformer call of cfg_copies(guidance) * N latents."""
     copies = cfg_copies(guidance)
     # the empty prompt first, as in the pipeline ([-copies:] keeps the prompt alone without CFG);
-    # the transformer's timestep is 1000 t (SPEC 1)
+    # the transformer's timestep is 1000 t (method 1)
     v = transformer(hidden_states=x.repeat(copies, 1, 1, 1).to(transformer.dtype),
                     encoder_hidden_states=torch.cat([prompts.neg_embeds, prompts.embeds][-copies:]),
                     pooled_projections=torch.cat([prompts.neg_pooled, prompts.pooled][-copies:]),
@@ -364,7 +343,7 @@ def cfg_velocity(transformer, x: Tensor, sigma: Tensor, prompts: PromptEmbeds, g
 
 
 # =====================================================================================================
-# TempFlow pieces (SPEC 3, 5): which steps branch and train, and how much each weighs
+# TempFlow pieces (method 3, 5): which steps branch and train, and how much each weighs
 # =====================================================================================================
 
 
@@ -381,8 +360,8 @@ def parse_branch_steps(text: str, steps: int) -> list[int]:
 
 def noise_aware_weights(sigmas: Tensor, noise_level: float, steps, sampler: str = "sde") -> Tensor:
     """w_k for the trained steps k: proportional to the sampler's std of step k, mean exactly 1 over the steps."""
-    std = transition_std(sigmas.double(), torch.as_tensor(steps, dtype=torch.long), noise_level, sampler)
-    # w_k = std_k / mean_{j in B} std_j   (the noise level a cancels; the grid alone decides)
+    std = transition_std(sigmas.double(), torch.as_tensor(steps, dtype=torch.long), noise_level, sampler)[1]
+    # w_k = std_k / mean_{j in B} std_j   (TempFlow-GRPO's noise-aware weighting; a cancels, the grid decides)
     return (std / std.mean()).float()  # [len(steps)]
 
 
@@ -394,8 +373,18 @@ def finish_grid(k: int, steps: int, finish_steps: int = 0) -> list[int]:
     return torch.linspace(k + 1, steps, finish_steps + 1).round().long().tolist()
 
 
+def finish_hops(steps: int, branch_steps: list[int], finish_steps: int = 0) -> Tensor:
+    """hop[k, i]: the grid index to which a branch born at step k steps from s_i on its finish_grid; 0 off its path.
+    LongTensor [T, T + 1]."""
+    hop = torch.zeros(steps, steps + 1, dtype=torch.long)
+    for k in branch_steps:
+        path = finish_grid(k, steps, finish_steps)
+        hop[k, path[:-1]] = torch.tensor(path[1:])
+    return hop
+
+
 # =====================================================================================================
-# Rollouts (SPEC 3, 7): one wavefront loop for both methods
+# Rollouts (method 3, 7, 8): one wavefront loop for the three methods
 # =====================================================================================================
 
 
@@ -424,7 +413,7 @@ def ode_rollout(velocity_fn, x: Tensor, sigmas: Tensor, start: int = 0) -> Tenso
 class Rollout(NamedTuple):
     """What a rollout leaves for training. M final images, K recorded SDE transitions."""
     latents: Tensor       # [M, C, H, W] final latents at s_T = 0
-    image_noise: Tensor   # [M] which initial noise (trunk) each image grew from
+    image_noise: Tensor   # [M] the initial noise each image grew from (its index in rollout's `noise`)
     image_step: Tensor    # [M] the branch step k that made it, -1 for an SDE rollout's images
     x: Tensor             # [K, C, H, W] x_k, the state the transition left
     y: Tensor             # [K, C, H, W] x_{k+1}, the SDE sample it reached
@@ -441,47 +430,45 @@ def rollout(velocity_fn, noise: Tensor, sigmas: Tensor, kind: str, branch_steps:
     """Sample from N initial noises [N, C, H, W], recording every stochastic transition. velocity_fn(x, sigma,
     rows) -> v is the model's velocity of latents x [n, C, H, W] at noise levels sigma [n], latent j conditioned
     as initial noise rows[j] is (sd3_velocity for SD3: its prompt, with CFG).
-
-    kind "branch", TempFlow (SPEC 3): each row is an ODE trunk; at each branch step k it forks `branches` children
-    y_{k,g} ~ N(mean_k, std_k^2) by sde_step's sampler, each finished by the ODE over finish_grid(k, T,
+    kind "branch", TempFlow-GRPO (method 3): each row is an ODE trunk; at each branch step k it forks `branches`
+    children y_{k,g} ~ N(mean_k, std_k^2) by sde_step's sampler, each finished by the ODE over finish_grid(k, T,
     finish_steps). Trunks stop after the last branch step.
-    kind "sde", Flow-GRPO (SPEC 7): each row takes the stochastic step at the branch steps, the ODE elsewhere.
-    kind "tree", BranchGRPO (arXiv 2509.06040): as "sde", but at each of split_steps every row forks split_factor
+    kind "sde", Flow-GRPO (method 7): each row takes the stochastic step at the branch steps, the ODE elsewhere.
+    kind "tree", BranchGRPO (arXiv 2509.06040; method 8): as "sde", but at each of split_steps every row forks split_factor
     children, SDE samples from its one velocity; the rows are a tree's nodes, the last ones its leaves.
     All live rows sit at one grid index (a branch finishing coarsely skips the indices off its path), so the
-    rollout is at most T calls of velocity_fn.
-    """
+    rollout is at most T calls of velocity_fn."""
     steps = len(sigmas) - 1
-    trunk, trunk_id = noise.float(), torch.arange(len(noise), device=noise.device)  # [N, C, H, W], [N]
+    # the trunks' states [N, C, H, W] and the initial noise each row grew from [N], its index in `noise`
+    trunk, trunk_noise = noise.float(), torch.arange(len(noise), device=noise.device)
     # finished-by-ODE branches, the trunk each grew from and (on the CPU) the step k it was born at
-    leaves, leaf_id, leaf_born = trunk[:0], trunk_id[:0], torch.zeros(0, dtype=torch.long)
-    hop = torch.zeros(steps, steps + 1, dtype=torch.long)
-    for k in branch_steps:  # hop[k, i]: the grid index a branch born at k steps to from s_i; 0 off its path
-        path = finish_grid(k, steps, finish_steps)
-        hop[k, path[:-1]] = torch.tensor(path[1:])
+    leaves, leaf_noise, leaf_born = trunk[:0], trunk_noise[:0], torch.zeros(0, dtype=torch.long)
+    hop = finish_hops(steps, branch_steps, finish_steps)  # [T, T + 1]
     records, last, branching = [], max(branch_steps), kind == "branch"
     for i in range(steps):
         if branching and i > last:
-            trunk, trunk_id = trunk[:0], trunk_id[:0]  # no branch left to spawn: the trunk's work is done
+            trunk, trunk_noise = trunk[:0], trunk_noise[:0]  # no branch left to spawn: the trunk's work is done
         to = hop[leaf_born, i]
         due = (to > 0).nonzero().flatten()  # the leaves whose path has a step from s_i
-        x, rows = torch.cat([trunk, leaves[due]]), torch.cat([trunk_id, leaf_id[due]])
+        x, rows = torch.cat([trunk, leaves[due]]), torch.cat([trunk_noise, leaf_noise[due]])
         if not len(x):
             continue
         v = velocity_fn(x, sigmas[i].expand(len(x)).to(x.device), rows)
         v_trunk, v_leaves = v[:len(trunk)], v[len(trunk):]
         leaves[due] = ode_step(leaves[due], v_leaves, sigmas, i, to[due])
         if i in branch_steps and branching:
-            x_k, parent = trunk.repeat_interleave(branches, 0), trunk_id.repeat_interleave(branches)
+            x_k = trunk.repeat_interleave(branches, 0)
             y, log_prob, _, _ = sde_step(x_k, v_trunk.repeat_interleave(branches, 0), sigmas, i, noise_level,
                                          generator=generator, sampler=sampler)
             records.append((x_k, y, log_prob, i, len(leaves) + torch.arange(len(y), device=y.device)))
-            leaves, leaf_id = torch.cat([leaves, y]), torch.cat([leaf_id, parent])
+            leaves = torch.cat([leaves, y])
+            leaf_noise = torch.cat([leaf_noise, trunk_noise.repeat_interleave(branches)])
             leaf_born = torch.cat([leaf_born, torch.full((len(y),), i)])
             trunk = ode_step(trunk, v_trunk, sigmas, i)
         elif i in branch_steps:
             if kind == "tree" and i in split_steps:  # BranchGRPO: node n's f children, rows n f .. n f + f - 1
-                trunk, v_trunk, trunk_id = (t.repeat_interleave(split_factor, 0) for t in (trunk, v_trunk, trunk_id))
+                trunk, v_trunk, trunk_noise = (t.repeat_interleave(split_factor, 0)
+                                               for t in (trunk, v_trunk, trunk_noise))
             y, log_prob, _, _ = sde_step(trunk, v_trunk, sigmas, i, noise_level, generator=generator, sampler=sampler)
             records.append((trunk, y, log_prob, i, torch.arange(len(y), device=y.device)))  # the nodes y become
             trunk = y
@@ -490,9 +477,9 @@ def rollout(velocity_fn, noise: Tensor, sigmas: Tensor, kind: str, branch_steps:
     x_k, y, log_prob, step, image = zip(*records)
     step = torch.cat([torch.full_like(lp, k, dtype=torch.long) for lp, k in zip(log_prob, step)])
     if branching:
-        latents, image_noise, image_step, span = leaves, leaf_id, step, torch.ones_like(step)
+        latents, image_noise, image_step, span = leaves, leaf_noise, step, torch.ones_like(step)
     else:  # node n of a step with N nodes has the leaves n * L/N .. (n + 1) * L/N - 1 below it (L/N = 1 but in a tree)
-        latents, image_noise, image_step = trunk, trunk_id, torch.full_like(trunk_id, -1)
+        latents, image_noise, image_step = trunk, trunk_noise, torch.full_like(trunk_noise, -1)
         span = torch.cat([torch.full_like(nodes, len(trunk) // len(nodes)) for nodes in image])
         image = [nodes * (len(trunk) // len(nodes)) for nodes in image]
     return Rollout(latents, image_noise, image_step, torch.cat(x_k), torch.cat(y), torch.cat(log_prob), step,
@@ -501,7 +488,7 @@ def rollout(velocity_fn, noise: Tensor, sigmas: Tensor, kind: str, branch_steps:
 
 def rollout_nfe(rollout: str, steps: int, branch_steps: list[int], branches: int, guidance: float,
                 finish_steps: int = 0, split_steps: list[int] = (), split_factor: int = 1) -> int:
-    """Transformer evaluations of one latent per initial noise (SPEC 3), CFG's halves counted."""
+    """Transformer evaluations of one latent per initial noise (method 3), CFG's halves counted."""
     halves = cfg_copies(guidance)
     if rollout == "sde":
         return halves * steps
@@ -513,14 +500,16 @@ def rollout_nfe(rollout: str, steps: int, branch_steps: list[int], branches: int
 
 
 # =====================================================================================================
-# Advantages and the loss (SPEC 4, 6)
+# Advantages and the loss (method 4, 6, 8)
 # =====================================================================================================
 
 
 def group_advantages(rewards: Tensor, groups: Tensor, clip: float = 5.0, global_std: bool = False
                      ) -> tuple[Tensor, Tensor]:
-    """Normalised advantages of M rewards; groups [M] are group ids. The mean is per group; the std per group, or
-    with global_std over all the valid rewards (Flow-GRPO's global_std). A non-finite reward is left out of the
+    """Normalised advantages of M rewards; groups [M] are group ids. A group is the samples whose rewards compare:
+    TempFlow-GRPO's G branches of one (prompt, initial noise, step k), Flow-GRPO's S*G samples of one prompt, or
+    BranchGRPO's nodes of one depth of one tree. The mean is per group; the std per group, or with global_std
+    over all the valid rewards (Flow-GRPO's global_std). A non-finite reward is left out of the
     statistics and gets A = 0. Returns advantages [M] and whether each sample's group had all-equal rewards."""
     valid = torch.isfinite(rewards)
     r = torch.where(valid, rewards, 0.0).double()
@@ -528,7 +517,7 @@ def group_advantages(rewards: Tensor, groups: Tensor, clip: float = 5.0, global_
     mean = torch.zeros_like(n).index_add_(0, groups, r) / n.clamp(min=1)
     var = torch.zeros_like(n).index_add_(0, groups, torch.where(valid, (r - mean[groups]) ** 2, 0.0)) / n.clamp(min=1)
     std = r[valid].std(correction=0).expand(len(r)) if global_std else var[groups].sqrt()
-    # A = (r - mean_group r) / (std + 1e-4), population std, clipped to [-5, 5]
+    # A = (r - mean_group r) / (std + 1e-4), population std, clipped to [-5, 5]   (Flow-GRPO Eq. 4)
     advantages = ((r - mean[groups]) / (std + 1e-4)).clamp(-clip, clip)
     # float32 rewards sum exactly in float64, so a group of equal rewards has mean r, var 0 and A = 0 exactly
     return torch.where(valid, advantages, 0.0).float(), var[groups] == 0
@@ -557,16 +546,17 @@ def width_pruned(rewards: Tensor, first: Tensor, span: Tensor, leaves: int, keep
     return below[first + span] > below[first]
 
 
-def trained_images(advantages: Tensor, trunk: Tensor, valid: Tensor, zero_std: Tensor, drop_zero_std: bool
+def trained_images(advantages: Tensor, image_noise: Tensor, valid: Tensor, zero_std: Tensor, drop_zero_std: bool
                    ) -> Tensor:
-    """Which of M images train their transitions; trunk [M] is the initial noise each grew from (an SDE sample is
-    its own trunk). The official rule (SPEC 6) drops a trunk only when all of its advantages are 0, so the
+    """Which of M images train their transitions; image_noise [M] is the initial noise each grew from (an SDE
+    sample has its own). The official rule (method 6) drops a trunk only when all of its advantages are 0, so the
     zero-advantage transitions of the trunks kept still count in the loss's mean and train the KL; drop_zero_std
     drops every group with equal rewards instead. An image with a non-finite reward never trains."""
     if drop_zero_std:
         return valid & ~zero_std
-    signal = torch.zeros(int(trunk.max()) + 1, device=trunk.device).index_add_(0, trunk, (advantages != 0).float())
-    return valid & (signal[trunk] > 0)
+    signal = torch.zeros(int(image_noise.max()) + 1, device=image_noise.device).index_add_(
+        0, image_noise, (advantages != 0).float())  # per initial noise: how many of its images have A != 0
+    return valid & (signal[image_noise] > 0)
 
 
 def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, weights: Tensor, mean: Tensor,
@@ -575,10 +565,10 @@ def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, weight
     to the base model. log_prob, old_log_prob, advantages, weights, std: [B]; mean, ref_mean: [B, C, H, W]."""
     # ratio = exp(log pi_theta(y | x_k) - log pi_old(y | x_k))
     ratio = torch.exp(log_prob - old_log_prob)
-    # max(-w_k A ratio, -w_k A clip(ratio, 1 - eps, 1 + eps)); the weight scales the policy term only
+    # max(-w_k A ratio, -w_k A clip(ratio, 1 - eps, 1 + eps)) (Flow-GRPO Eq. 5); the weight scales this term only
     policy = torch.maximum(-weights * advantages * ratio,
                            -weights * advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
-    # KL_k = mean_CHW (mean_theta - mean_ref)^2 / (2 std_k^2), closed form for two Gaussians of one std
+    # KL_k = mean_CHW (mean_theta - mean_ref)^2 / (2 std_k^2), two Gaussians of one std (Flow-GRPO, after Eq. 9)
     kl = ((mean - ref_mean) ** 2).mean(dim=(1, 2, 3)) / (2 * std**2)
     loss = (policy + beta * kl).mean()
     stats = dict(policy_loss=policy.mean(), kl=kl.mean(), ratio_mean=ratio.mean(),
@@ -590,9 +580,16 @@ def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, weight
 # ---------------- the algorithm ends here; what follows is plumbing around diffusers ----------------
 # =====================================================================================================
 
-# T5 prompt tokens, as the official code encodes (SPEC 9; the pipeline's default is 256); a tokenizer with a shorter
+
+# T5 prompt tokens, as the official code encodes (the pipeline's default is 256); a tokenizer with a shorter
 # model_max_length caps it.
 T5_TOKENS = 128
+
+
+def is_terminal() -> bool:
+    """Whether both output streams are terminals, where a bar redraws in place. Elsewhere (`> train.log`, nohup, a
+    job scheduler, `| tee`) every redraw would stay in the file as text."""
+    return all(stream is not None and stream.isatty() for stream in (sys.stdout, sys.stderr))
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
@@ -658,6 +655,27 @@ def t5_length(pipe) -> int:
     return min(T5_TOKENS, pipe.tokenizer_3.model_max_length)
 
 
+@contextmanager
+def logs_dropped(loggers: list[str], *phrases: str):
+    """For the block, these loggers drop their records that contain any of the phrases."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not any(phrase in record.getMessage() for phrase in phrases)
+    for name in loggers:
+        logging.getLogger(name).addFilter(keep)
+    try:
+        yield
+    finally:
+        for name in loggers:
+            logging.getLogger(name).removeFilter(keep)
+
+
+def without_truncation_warnings(pipe):
+    """The pipeline and the tokenizers warn at every encoding of a prompt longer than the text encoders take, with
+    its cut text (every epoch, in a log file); prompt_cuts says it once, at the start."""
+    return logs_dropped([type(pipe).encode_prompt.__module__, "transformers.tokenization_utils_base"],
+                        "The following part of your input was truncated", "Token indices sequence length is longer")
+
+
 def encode_prompts(pipe, prompts: list[str]) -> PromptEmbeds:
     """Embeddings of the prompts and of the empty prompt, computed by the pipeline's own encode_prompt wherever the
     text encoders are, and handed over on the transformer's device."""
@@ -666,25 +684,6 @@ def encode_prompts(pipe, prompts: list[str]) -> PromptEmbeds:
             prompts, None, None, device=pipe.text_encoder.device, do_classifier_free_guidance=True,
             max_sequence_length=t5_length(pipe))
     return PromptEmbeds(*(t.to(pipe.transformer.device) for t in (embeds, pooled, neg_embeds, neg_pooled)))
-
-
-@contextmanager
-def without_truncation_warnings(pipe):
-    """The pipeline and the tokenizers warn at every encoding of a prompt longer than the text encoders take, with
-    its cut text (every epoch, in a log file); prompt_cuts says it once, at the start."""
-    loggers = [logging.getLogger(type(pipe).encode_prompt.__module__),
-               logging.getLogger("transformers.tokenization_utils_base")]
-    warned = ("The following part of your input was truncated", "Token indices sequence length is longer")
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(warned)
-    for logger in loggers:
-        logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(keep)
 
 
 def prompt_cuts(pipe, numbered: list[tuple[int, str]], flag: str) -> str | None:
@@ -729,20 +728,20 @@ def initial_noise(pipe, n: int, resolution: int, generator: torch.Generator) -> 
     return torch.randn(n, channels, side, side, generator=generator, device=generator.device)  # [n, C, H, W]
 
 
-@torch.no_grad()
-def decode_latents(pipe, latents: Tensor) -> Tensor:
-    """Latents [B, C, H, W] -> images [B, 3, H*f, W*f] in [0, 1], unscaled and post-processed as the pipeline does."""
-    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    images = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-    return pipe.image_processor.postprocess(images.float(), output_type="pt")
-
-
 def autocast(transformer):
     """Autocast to the transformer's dtype when it is below float32, on any device: a bf16 pipeline (CUDA's) runs
     its matmuls in bf16 (on CUDA its norms and softmax in float32), the LoRA stays float32 and the step math casts
     back to float32; a float32 pipeline (the CPU's default) runs as it is."""
     dtype = transformer.dtype
     return torch.autocast(transformer.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: Tensor) -> Tensor:
+    """Latents [B, C, H, W] -> images [B, 3, H*f, W*f] in [0, 1], unscaled and post-processed as the pipeline does."""
+    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    images = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(images.float(), output_type="pt")
 
 
 @torch.no_grad()
@@ -782,7 +781,7 @@ def numbered_prompts(path: str, flag: str = "--prompt-file") -> list[tuple[int, 
     return prompts
 
 
-# SPEC 6: LoRA on the joint attention's projections of the image stream and of the context (text) stream. The
+# LoRA on the joint attention's projections of the image stream and of the context (text) stream. The
 # "attn." prefix keeps out the second, image-only attention (attn2) of SD3.5-M's 13 dual-attention blocks, as the
 # official targets do: 191 modules, 18.8 M parameters at rank 32 (the bare names would give 243 and 23.9 M).
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -821,7 +820,7 @@ def save_lora(pipe, folder: Path):
                                  transformer_lora_adapter_metadata=pipe.transformer.peft_config["default"].to_dict())
 
 
-# SPEC 6: the official EMA of the LoRA weights, its largest decay and its interval in optimizer steps
+# the official code's EMA of the LoRA weights: its largest decay and its interval in optimizer steps
 EMA_DECAY, EMA_EVERY = 0.9, 8
 
 
@@ -854,46 +853,6 @@ def ema_weights(ema, params: list[torch.nn.Parameter]):
         ema.restore(params)
 
 
-class Cost:
-    """Training cost so far: latents through the transformer (CFG's halves counted), kept up by a forward hook,
-    and wall seconds. Evaluation runs inside paused() and counts in neither."""
-    def __init__(self, transformer, nfe: int = 0, wall_s: float = 0.0):
-        self.nfe, self.wall_before, self.since = nfe, wall_s, time.time()
-        transformer.register_forward_hook(self.count, with_kwargs=True)
-
-    def count(self, module, args, kwargs, output):
-        self.nfe += len(kwargs["hidden_states"])
-
-    def wall_s(self) -> float:
-        return round(self.wall_before + time.time() - self.since, 2)
-
-    @contextmanager
-    def paused(self):
-        nfe, wall_s = self.nfe, self.wall_s()
-        yield
-        self.nfe, self.wall_before, self.since = nfe, wall_s, time.time()
-
-
-class Timer:
-    """Seconds per phase of an epoch (`with timer("sample_s"):`), and on CUDA the epoch's peak memory."""
-    def __init__(self, device: torch.device):
-        self.device, self.seconds = device, {}
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-    @contextmanager
-    def __call__(self, phase: str):
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the GPU's work of this phase, not the launches alone
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-    def metrics(self) -> dict:
-        peak = dict(peak_gb=torch.cuda.max_memory_allocated(self.device) / 2**30) if self.device.type == "cuda" else {}
-        return {**{k: round(v, 2) for k, v in self.seconds.items()}, **peak}
-
-
 # ---------------- several GPUs: torchrun's processes split the epoch's prompts and make one update ----------------
 
 
@@ -910,6 +869,28 @@ def init_distributed() -> torch.device:
 
 def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def print0(*lines: str):
+    """Lines on stdout from the first process only (under torchrun it speaks for all), beside any progress bar."""
+    for line in lines if rank_and_world()[0] == 0 else ():
+        tqdm.write(line)
+    sys.stdout.flush()
+
+
+@contextmanager
+def said_once():
+    """Under torchrun every process meets the same errors of settings, files and rewards; the first says each, the
+    others exit quietly. They first give the first process time to say it: torchrun ends every process as soon as
+    one fails, and a quiet one that failed first could end the first before it had spoken."""
+    try:
+        yield
+    except SystemExit as err:
+        if isinstance(err.code, str) and int(os.environ.get("RANK", 0)) > 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's ending is final, whatever the loop set
+            time.sleep(30)
+            raise SystemExit(1) from None
+        raise
 
 
 def _wire() -> torch.device:
@@ -952,18 +933,19 @@ def sum_gradients(params: list[torch.nn.Parameter]):
         p.grad = grad.view_as(p)
 
 
+# the statistics update() returns, averaged over processes in one all-reduce
+TRAIN_STATS = ("policy_loss", "kl", "ratio_mean", "clipfrac", "loss", "skipped_updates", "grad_norm")
+
+
 def mean_over_processes(stats: dict, weight: float) -> dict:
-    """Each statistic's mean over the processes that have it, weighted (by their transitions)."""
+    """Each of TRAIN_STATS's means over the processes that have it, weighted by their transitions (plain where
+    none has any)."""
     if not dist.is_initialized():
         return stats
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, (stats, weight))
-    mean = {}
-    for key in {k for s, _ in every for k in s}:
-        pairs = [(s[key], w) for s, w in every if key in s]
-        total = sum(w for _, w in pairs)
-        mean[key] = sum(v * w for v, w in pairs) / total if total else sum(v for v, _ in pairs) / len(pairs)
-    return mean
+    parts = [[stats[k] * weight, weight, stats[k], 1.0] if k in stats else [0.0] * 4 for k in TRAIN_STATS]
+    sums = torch.tensor(parts, dtype=torch.float64, device=_wire())
+    dist.all_reduce(sums)
+    return {k: vw / w if w else v / n for k, (vw, w, v, n) in zip(TRAIN_STATS, sums.tolist()) if n}
 
 
 def check_in_sync(params: list[torch.nn.Parameter]):
@@ -980,11 +962,459 @@ def check_in_sync(params: list[torch.nn.Parameter]):
         raise RuntimeError(f"the LoRA weights of {int(differs.item())} process(es) differ from process 0's")
 
 
-# ---------------- long runs: the out folder, checkpoints, signals, evaluation, image grids ----------------
+# =====================================================================================================
+# The epoch: rollout -> rewards -> advantages -> optimizer steps
+# =====================================================================================================
+
+
+def tree_shape(args: Args) -> tuple[list[int], int]:
+    """(split steps, split factor) of a BranchGRPO tree; ([], 1) for the other rollouts."""
+    if args.rollout != "tree":
+        return [], 1
+    return parse_branch_steps(args.split_steps, args.steps), args.split_factor
+
+
+def pruned_steps(args: Args) -> list[int]:
+    """The steps --prune-depth leaves untrained (none when it is empty)."""
+    return parse_branch_steps(args.prune_depth, args.steps) if args.prune_depth else []
+
+
+def epoch_size(args: Args, branch_steps: list[int]) -> dict:
+    """An epoch's size, derived once from the settings: trunks, images, transitions, transformer evaluations."""
+    trunks = args.prompts_per_epoch * args.seeds_per_prompt * (args.branches if args.rollout == "sde" else 1)
+    splits, factor = tree_shape(args)
+    if args.rollout == "tree":  # a root's leaves; its nodes after each trained step (at most, with --prune-width)
+        images = trunks * factor ** len(splits)
+        transitions = trunks * sum(factor ** sum(k <= i for k in splits) for i in branch_steps
+                                   if i not in pruned_steps(args))
+    else:
+        images = trunks * (len(branch_steps) * args.branches if args.rollout == "branch" else 1)
+        transitions = images * (1 if args.rollout == "branch" else len(branch_steps))
+    sampling = trunks * rollout_nfe(args.rollout, args.steps, branch_steps, args.branches, args.guidance,
+                                    args.finish_steps, splits, factor)
+    # training: the policy's forward and, with beta > 0, the base model's, CFG's halves counted
+    per_transition = cfg_copies(args.guidance) * (2 if args.beta > 0 else 1)
+    return dict(trunks=trunks, images=images, transitions=transitions, per_step=math.ceil(transitions /
+                args.optimizer_steps), rollout_nfe=sampling, train_nfe=transitions * per_transition,
+                per_transition=per_transition)
+
+
+def step_weights(args: Args, sigmas: Tensor, branch_steps: list[int]) -> Tensor:
+    """w_k by grid index k [T]: noise_aware_weights at the trained steps with --weighting noise, else 1."""
+    step_weight = torch.ones(args.steps)
+    if args.weighting == "noise":
+        step_weight[branch_steps] = noise_aware_weights(sigmas.cpu(), args.noise_level, branch_steps, args.sampler)
+    return step_weight
+
+
+def describe_epoch(args: Args, branch_steps: list[int], world: int) -> str:
+    """The derived sizes of an epoch, in one line."""
+    size = epoch_size(args, branch_steps)
+    return (f"epoch: {args.prompts_per_epoch} prompts x {size['trunks'] // args.prompts_per_epoch} noises"
+            f"{f' over {world} processes' if world > 1 else ''}, {size['images']:,} images, "
+            f"{size['transitions']:,} transitions ({size['per_step']:,} per optimizer step), "
+            f"{size['rollout_nfe'] + size['train_nfe']:,} transformer evaluations (rollout "
+            f"{size['rollout_nfe']:,}, training {size['train_nfe']:,})")
+
+
+class Timer:
+    """Seconds per phase of an epoch (`with timer("sample_s"):`), and on CUDA the epoch's peak memory."""
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the GPU's work of this phase, not the launches alone
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict:
+        peak = dict(peak_gb=torch.cuda.max_memory_allocated(self.device) / 2**30) if self.device.type == "cuda" else {}
+        return {**{k: round(v, 2) for k, v in self.seconds.items()}, **peak}
+
+
+class PlainLines:
+    """A file for tqdm that turns each refresh ('\\r' + status + padding) into one line on stdout, beside the log
+    lines; the blank refreshes of closing are dropped."""
+    def write(self, text: str):
+        text = text.strip("\r\n").rstrip()
+        if text:
+            sys.stdout.write(text + "\n")
+
+    def flush(self):
+        sys.stdout.flush()
+
+
+def progress(iterable=None, every_s: float = 300, **kwargs) -> tqdm:
+    """tqdm's bar on a terminal; elsewhere one plain line every every_s seconds, the first after every_s, so that a
+    long epoch says where it is in a log file and a short one adds nothing to it."""
+    kwargs.setdefault("disable", rank_and_world()[0] != 0)  # under torchrun the first process speaks for all
+    if is_terminal():
+        return tqdm(iterable, **kwargs)
+    # position=0: a nested bar would move the cursor up and down with escape codes
+    kwargs.update(file=PlainLines(), mininterval=every_s, delay=every_s, position=0,
+                  bar_format="{desc}: {n_fmt}/{total_fmt} {unit}, {elapsed} elapsed, {remaining} left")
+    return tqdm(iterable, **kwargs)
+
+
+class Batch(NamedTuple):
+    """One epoch's training transitions, after the rewards and advantages are known. K transitions."""
+    x: Tensor          # [K, C, H, W]
+    y: Tensor          # [K, C, H, W]
+    log_prob: Tensor   # [K]
+    step: Tensor       # [K]
+    prompt: Tensor     # [K] row of the epoch's PromptEmbeds
+    advantage: Tensor  # [K]
+
+
+def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, captions: list[str], reward_fn,
+                 sigmas: Tensor, branch_steps: list[int], gen: torch.Generator, timer: "Timer", shown: Tensor
+                 ) -> tuple[Rollout, dict, Tensor]:
+    """Roll out N trunks (noise [N, C, H, W], prompts and captions: N rows), decode and score their images in
+    chunks of --max-batch; returns the rollout on the CPU without its latents, the scores [M] and the images that
+    `shown` [>= M] marks for the grid."""
+    device = pipe.transformer.device
+    with timer("sample_s"), autocast(pipe.transformer):
+        out = rollout(sd3_velocity(pipe.transformer, prompts, args.guidance, args.max_batch), noise.to(device),
+                      sigmas, args.rollout, branch_steps, args.noise_level, gen, args.branches, args.sampler,
+                      args.finish_steps, *tree_shape(args))
+    image_captions = [captions[n] for n in out.image_noise.tolist()]
+    scores, kept = [], []
+    with timer("score_s"), autocast(pipe.transformer), placed(reward_fn.models, device, args.offload_reward):
+        for j in range(0, len(out.latents), args.max_batch):
+            images = decode_latents(pipe, out.latents[j:j + args.max_batch])  # [<= max_batch, 3, H, W]
+            scores.append(reward_fn(images, image_captions[j:j + args.max_batch]))
+            kept.append(images[shown[j:j + len(images)].to(device)].cpu())
+    out = Rollout(*(t.cpu() for t in out._replace(latents=out.latents[:0])))
+    return out, {k: torch.cat([s[k] for s in scores]) for k in scores[0]}, torch.cat(kept)
+
+
+def trained_batch(out: Rollout, scores: dict, noise_prompt: Tensor, args: Args) -> tuple[Batch, dict]:
+    """Rewards -> advantages over groups (method 4; under torchrun from every process's rewards, for the global std
+    and the metrics) -> the transitions that train, and the epoch's reward metrics."""
+    tree = args.rollout == "tree"
+    if tree:  # BranchGRPO: advantages are the nodes', of their fused rewards, a group one depth of a tree
+        reward, noise, step = fused_rewards(scores["reward"], out.image, out.span), out.image_noise[out.image], out.step
+    else:  # advantages are the images'
+        reward, noise, step = scores["reward"], out.image_noise, out.image_step
+    # seed groups share (prompt, initial noise, k); prompt groups share (prompt, k)
+    seed = noise if args.group == "seed" else torch.zeros_like(noise)
+    keys = torch.stack([noise_prompt[noise], seed, step], dim=1)
+    groups = torch.unique(keys, dim=0, return_inverse=True)[1]  # [M], ids below M
+    rank, m = rank_and_world()[0], len(groups)
+    everyone = {k: gather(v) for k, v in scores.items()}  # [world * M], rank by rank; groups stay apart:
+    all_groups = gather(groups + rank * m)
+    advantages, zero_std = group_advantages(gather(reward) if tree else everyone["reward"], all_groups,
+                                            args.adv_clip, args.adv_std == "global")
+    mine, valid = slice(rank * m, (rank + 1) * m), torch.isfinite(reward)
+    if tree:
+        keep, advantage = valid & ~(zero_std[mine] & args.drop_zero_std), advantages[mine]
+        keep &= ~torch.isin(out.step, torch.tensor(pruned_steps(args), dtype=torch.long))
+        if args.prune_width:
+            splits, factor = tree_shape(args)
+            keep &= width_pruned(scores["reward"], out.image, out.span, factor ** len(splits), args.prune_width)
+    else:
+        keep = trained_images(advantages[mine], out.image_noise, valid, zero_std[mine], args.drop_zero_std)[out.image]
+        advantage = advantages[mine][out.image]
+    batch = Batch(out.x[keep], out.y[keep], out.log_prob[keep], out.step[keep],
+                  noise_prompt[out.image_noise[out.image]][keep], advantage[keep])  # [K] rows of each
+    every_valid = torch.isfinite(everyone["reward"])
+    rewards = everyone["reward"][every_valid]
+    metrics = dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
+                   images=len(every_valid), invalid=int((~every_valid).sum()), transitions=int(all_sum(len(batch.x))),
+                   zero_std_frac=all_groups[zero_std].unique().numel() / all_groups.unique().numel())
+    metrics.update({f"reward_{k}": v[torch.isfinite(v)].mean().item() for k, v in everyone.items() if k != "reward"})
+    return batch, metrics
+
+
+def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor, branch_steps: list[int],
+            gen: torch.Generator, timer: "Timer") -> tuple[Batch, PromptEmbeds, dict, tuple]:
+    """Sample this process's share of an epoch (method 3, 7 or 8) in chunks of --rollout-prompts prompts, each decoded
+    and scored as it finishes, so that GPU memory does not grow with the epoch; the recorded transitions wait on
+    the CPU. Then the rewards become advantages (method 4). Also returns up to 32 images, with captions, for a grid.
+    A reward server's failure in any process raises RewardServerError in every process."""
+    world = rank_and_world()[1]
+    picks = torch.randint(len(prompt_list), (args.prompts_per_epoch // world,), generator=gen,
+                          device=gen.device).tolist()
+    prompts = [prompt_list[j] for j in picks]
+    device = pipe.transformer.device
+    with timer("sample_s"), placed(text_encoders(pipe), device, args.offload_text_encoders):
+        embeds = encode_prompts(pipe, prompts)
+    size = epoch_size(args, branch_steps)
+    per_prompt = size["trunks"] // args.prompts_per_epoch  # initial noises per prompt
+    noise_prompt = torch.arange(len(prompts)).repeat_interleave(per_prompt)  # [N]
+    noise = initial_noise(pipe, len(noise_prompt), args.resolution, gen)  # [N, C, H, W]
+    images = size["images"] // world
+    shown = torch.zeros(images, dtype=torch.bool)
+    shown[torch.linspace(0, images - 1, min(32, images)).long()] = True  # the grid's images, spread over the epoch
+    parts, before, failure = [], 0, None  # before: the epoch's images sampled before this chunk
+    bar = progress(total=len(prompts), desc="sample", unit="prompt", leave=False)
+    for trunks in torch.arange(len(noise)).split(args.rollout_prompts * per_prompt):
+        rows = noise_prompt[trunks]
+        try:
+            out, scores, kept = sample_chunk(pipe, args, noise[trunks], embeds.take(rows.to(device)),
+                                             [prompts[p] for p in rows.tolist()], reward_fn, sigmas, branch_steps,
+                                             gen, timer, shown[before:])
+        except RewardServerError as err:
+            failure = err
+            break
+        # the chunk's trunk and image ids -> the epoch's
+        parts.append((out._replace(image_noise=out.image_noise + trunks[0], image=out.image + before), scores, kept))
+        before += len(out.image_noise)
+        bar.update(len(trunks) // per_prompt)
+    bar.close()
+    agree(failure)
+    out = Rollout(*map(torch.cat, zip(*(part[0] for part in parts))))  # latents: none, they are decoded
+    scores = {k: torch.cat([part[1][k] for part in parts]) for k in parts[0][1]}
+    batch, metrics = trained_batch(out, scores, noise_prompt, args)
+    image_prompt = noise_prompt[out.image_noise[shown]]
+    captions = [f"{prompts[p]} | {r:.3g}" for p, r in zip(image_prompt.tolist(), scores["reward"][shown].tolist())]
+    return batch, embeds, metrics, (torch.cat([part[2] for part in parts]), captions)
+
+
+def transition_loss(transformer, batch: Batch, rows: Tensor, embeds: PromptEmbeds, sigmas: Tensor,
+                    step_weight: Tensor, args: Args) -> tuple[Tensor, dict]:
+    """grpo_loss of some transitions: the policy's log-prob of the recorded y with gradients, the base model's
+    mean without (skipped when beta = 0)."""
+    device = transformer.device  # the transitions wait on the CPU; a micro-batch comes over to be trained
+    x, y, k = batch.x[rows].to(device), batch.y[rows].to(device), batch.step[rows].to(device)
+    prompts, sigma = embeds.take(batch.prompt[rows].to(device)), sigmas.to(device)[k]
+    with autocast(transformer):
+        v = cfg_velocity(transformer, x, sigma, prompts, args.guidance)
+    _, log_prob, mean, std = sde_step(x, v, sigmas, k, args.noise_level, prev_sample=y, sampler=args.sampler)
+    ref_mean = mean.detach()
+    if args.beta > 0:
+        with torch.no_grad(), lora_disabled(transformer), autocast(transformer):
+            v_ref = cfg_velocity(transformer, x, sigma, prompts, args.guidance)
+        ref_mean = sde_step(x, v_ref, sigmas, k, args.noise_level, prev_sample=y, sampler=args.sampler)[2]
+    return grpo_loss(log_prob, batch.log_prob[rows].to(device), batch.advantage[rows].to(device),
+                     step_weight.to(device)[k], mean, ref_mean, std, args.clip_range, args.beta)
+
+
+def update(transformer, params, optimizer, batch: Batch, embeds: PromptEmbeds, sigmas: Tensor,
+           step_weight: Tensor, args: Args, gen: torch.Generator, ema=None, steps_before: int = 0) -> dict:
+    """--optimizer-steps AdamW steps over a shuffled epoch, each accumulating gradients over micro-batches of at
+    most --train-batch latents, so that its loss is the mean over its transitions: over every process's, under
+    torchrun, however unevenly the zero-advantage rule left them. A step whose loss or gradient is not finite is
+    skipped, counted and warned about: it never reaches the weights. After each step the EMA, if any, sees the
+    run's optimizer step count (steps_before before this epoch). Returns the epoch's mean statistics."""
+    per_call = max(1, args.train_batch // cfg_copies(args.guidance))
+    order = torch.randperm(len(batch.x), generator=gen, device=gen.device).to(batch.x.device)
+    totals = dict(skipped_updates=0)
+    bar = progress(total=len(order), desc="train", unit="transition", leave=False)
+    for n, part in enumerate(order.tensor_split(args.optimizer_steps), start=steps_before + 1):
+        count = all_sum(len(part))  # the step's transitions, over every process
+        if not count:
+            ema_update(ema, params, n)
+            continue  # every trunk of the epoch had equal rewards: nothing to learn from
+        finite = True
+        for rows in part.split(per_call) if len(part) else ():  # (an empty part splits into one empty piece)
+            loss, stats = transition_loss(transformer, batch, rows, embeds, sigmas, step_weight, args)
+            finite = finite and bool(torch.isfinite(loss))
+            if finite:
+                (loss * len(rows) / count).backward()
+            for key, value in dict(stats, loss=loss.detach()).items():
+                totals[key] = totals.get(key, 0.0) + value.item() * len(rows) / len(order)
+            bar.update(len(rows))
+        finite = all_sum(not finite) == 0  # one process's NaN skips the step for all
+        sum_gradients(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        if finite and torch.isfinite(grad_norm):
+            optimizer.step()
+        else:
+            totals["skipped_updates"] += 1
+            print0(f"warning: skipped an update with a non-finite {'loss' if not finite else 'gradient'}")
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(ema, params, n)
+        totals["grad_norm"] = grad_norm.item()
+    bar.close()
+    return totals
+
+
+# ---------------- evaluation, and what a run writes: metrics, grids, curves, a tracker ----------------
+
+
+@torch.no_grad()
+def evaluate(pipe, prompts: list[str], reward_fn, args: Args, grid: Path, shown: int = 64) -> dict:
+    """Mean rewards of one ODE sample (--eval-steps) per prompt from noise fixed by --seed (drawn on the CPU, so
+    the same on any device), so that evaluations of one run, and of runs with one seed, are comparable. The prompts
+    are encoded once, then go in chunks of one transformer call; the first `shown` samples go to a PNG grid. A
+    reward server's failure in any process raises RewardServerError in every process."""
+    device, per_call = pipe.transformer.device, max(1, args.max_batch // cfg_copies(args.guidance))
+    noise = initial_noise(pipe, len(prompts), args.resolution, torch.Generator().manual_seed(args.seed))
+    chunks = [prompts[j:j + per_call] for j in range(0, len(prompts), per_call)]
+    with placed(text_encoders(pipe), device, args.offload_text_encoders):  # all at once: the encoders come once
+        embeds = [encode_prompts(pipe, chunk).to("cpu") for chunk in chunks]
+    scores, images, failure = [], [], None
+    for chunk, chunk_embeds, chunk_noise in zip(chunks, embeds, noise.split(per_call)):
+        chunk_images = ode_images(pipe, chunk_embeds.to(device), chunk_noise, args.eval_steps, args.guidance,
+                                  args.max_batch)
+        try:
+            with placed(reward_fn.models, device, args.offload_reward):
+                scores.append(reward_fn(chunk_images, chunk))
+        except RewardServerError as err:
+            failure = err
+            break
+        images.append(chunk_images[:max(0, shown - len(images) * per_call)].cpu())
+    agree(failure)
+    scores = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
+    if rank_and_world()[0] == 0:  # under torchrun every process evaluates the same weights; the first writes
+        save_grid(torch.cat(images), [f"{p} | {r:.3g}" for p, r in zip(prompts, scores["reward"][:shown].tolist())],
+                  grid)
+    return {f"eval_{k}": v[torch.isfinite(v)].mean().item() for k, v in scores.items()}
+
+
+def save_grid(images: Tensor, captions: list[str], path: Path, columns: int = 8, side: int = 192):
+    """A PNG of images [N, 3, H, W] in [0, 1], each over its caption."""
+    from PIL import Image, ImageDraw
+
+    rows = math.ceil(len(images) / columns)
+    text_height = 36
+    grid = Image.new("RGB", (columns * side, rows * (side + text_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for n, (image, caption) in enumerate(zip(to_pil(images), captions)):
+        x, y = n % columns * side, n // columns * (side + text_height)
+        grid.paste(image.resize((side, side), Image.NEAREST), (x, y))
+        lines = textwrap.wrap(caption, width=side // 6)[:3]
+        draw.multiline_text((x + 2, y + side + 1), "\n".join(lines), fill="black", spacing=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def log(row: dict, path: Path):
+    """One fixed-format line per epoch, and the same numbers in metrics.jsonl."""
+    evaluation = f" | base eval {row['base_eval_reward']:.3f}" if "base_eval_reward" in row else ""
+    evaluation += f" | eval {row['eval_reward']:.3f}" if "eval_reward" in row else ""
+    tqdm.write(f"epoch {row['epoch']} | reward {row['reward_mean']:.3f} +- {row['reward_std']:.3f}{evaluation} | "
+               f"loss {row.get('loss', 0):.3g} | kl {row.get('kl', 0):.2e} | clipfrac {row.get('clipfrac', 0):.2f} | "
+               f"zero-std {row['zero_std_frac']:.2f} | nfe {row['nfe']} | {row['wall_s']:.0f} s")
+    sys.stdout.flush()
+    # strict JSON has no NaN or Infinity: a non-finite number is written as null
+    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    with path.open("a") as f:
+        f.write(json.dumps(row, allow_nan=False) + "\n")
+
+
+def keep_metrics_rows(path: Path, n: int):
+    """Truncate metrics.jsonl to its first n rows: those of the epochs a resumed run keeps."""
+    lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
+    path.write_text("".join(lines))
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The metrics rows of a run, one JSON object per line of metrics.jsonl; none if there is no file yet."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_series(ax, rows: list[dict], x_key: str, key: str, log: bool = False, **style):
+    """One metric against x_key over the rows that have it (eval_* exists on evaluated epochs only); log scale when
+    asked and every value is positive."""
+    points = [(row[x_key], row[key]) for row in rows if row.get(key) is not None and x_key in row]
+    if not points:
+        return
+    xs, ys = zip(*points)
+    style.setdefault("marker", "." if len(points) == 1 else None)  # a line through one point is invisible
+    ax.plot(xs, ys, **style)
+    if log and all(y > 0 for y in ys if math.isfinite(y)):
+        ax.set_yscale("log")
+
+
+def plot_curves(rows: list[dict], path: Path):
+    """A PNG of a run's curves: reward (training's as a line, evaluation's as markers, the base model's dashed), KL
+    and clip fraction (columns) against epochs (top) and transformer evaluations (bottom, where runs of different
+    cost per epoch compare). Returns the figure, for tests."""
+    # Figure, not pyplot: no global backend switch and no figure left open in the caller's process
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
+
+    fig = Figure(figsize=(12, 6), dpi=100, layout="constrained")
+    for ax_row, x_key, x_label in zip(fig.subplots(2, 3), ("epoch", "nfe"), ("epoch", "transformer evaluations (NFE)")):
+        plot_series(ax_row[0], rows, x_key, "reward_mean", label="train")
+        plot_series(ax_row[0], rows, x_key, "eval_reward", label="eval", marker="o", markersize=3)
+        if rows and "base_eval_reward" in rows[0]:
+            ax_row[0].axhline(rows[0]["base_eval_reward"], color="gray", linestyle="--", label="base")
+        if ax_row[0].get_legend_handles_labels()[0]:  # a legend with nothing in it would only warn
+            ax_row[0].legend()
+        plot_series(ax_row[1], rows, x_key, "kl", log=True)
+        plot_series(ax_row[2], rows, x_key, "clipfrac")
+        for ax, title in zip(ax_row, ("reward", "KL to base", "clip fraction")):
+            ax.set(title=title, xlabel=x_label)
+            ax.xaxis.set_major_formatter(EngFormatter())  # 20k, 1.5M: NFE runs to millions
+            ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return fig
+
+
+class Tracker:
+    """No tracker (no --wandb, or a process but the first): every call does nothing."""
+    def log(self, row: dict):
+        pass
+
+    def log_image(self, path: Path, key: str, epoch: int):
+        pass
+
+    def finish(self):
+        pass
+
+
+class WandbTracker(Tracker):
+    """A wandb run: metrics rows and image grids at the step of their epoch."""
+    def __init__(self, run, image: type):
+        self.run, self.image = run, image  # image: wandb.Image
+
+    def log(self, row: dict):
+        self.run.log(row, step=row["epoch"])
+
+    def log_image(self, path: Path, key: str, epoch: int):
+        self.run.log({key: self.image(str(path))}, step=epoch)
+
+    def finish(self):
+        self.run.finish()
+
+
+def open_tracker(project: str, config: dict, out: Path, resume: bool) -> WandbTracker:
+    """One wandb run per --out, its files in out/wandb; its id is kept in out/wandb_id so that --resume continues the
+    same run. WANDB_MODE=offline works without a login or network (`wandb sync out/wandb` later)."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("error: --wandb needs the wandb package: pip install wandb") from None
+    id_file = out / "wandb_id"
+    run_id = id_file.read_text().strip() if resume and id_file.exists() else None  # None: wandb picks one
+    run = wandb.init(project=project, config=config, dir=str(out), id=run_id, resume="allow")
+    id_file.write_text(run.id)
+    return WandbTracker(run, wandb.Image)
+
+
+def summary(out: Path) -> str:
+    """The run in one line, from its metrics rows, and where its results are."""
+    rows = read_rows(out / "metrics.jsonl")
+    value = lambda v: "nan" if v is None else f"{v:.3f}"  # noqa: E731  (metrics.jsonl writes NaN as null)
+    evals = [row["eval_reward"] for row in rows if "eval_reward" in row]
+    if evals and "base_eval_reward" in rows[0]:
+        reward = f"eval reward {value(rows[0]['base_eval_reward'])} (base) -> {value(evals[-1])}"
+    else:
+        reward = f"reward {value(rows[0]['reward_mean'])} (epoch 0) -> {value(rows[-1]['reward_mean'])}"
+    return (f"done: {rows[-1]['epoch'] + 1} epochs | {reward} | nfe {rows[-1]['nfe']:,} | "
+            f"{rows[-1]['wall_s'] / 60:.1f} min | LoRA in {out / 'lora'}, curves {out / 'curves.png'}, grids in "
+            f"{out / 'images'}")
+
+
+# ---------------- long runs: the out folder, checkpoints, signals, failures ----------------
+
 
 # A resume may change where the run is and what it logs, evaluates or saves...
 RESUMABLE = {"out", "resume", "epochs", "save_every", "eval_every", "image_every", "eval_prompt_file", "eval_steps",
              "max_nfe", "wandb", "eval_reward", "reward_wait"}
+
+
 # ... and the memory levers: they change the order of floating-point sums and of the chunks' noise draws, not what
 # training computes, so the run goes on, though not bit-identically to an uninterrupted one
 MEMORY_LEVERS = {"max_batch", "train_batch", "rollout_prompts", "gradient_checkpointing", "offload_text_encoders",
@@ -1117,519 +1547,11 @@ class StopOnSignal:
     def handle(self, signum, frame):
         if self.signum is not None and not self.relayed:
             raise KeyboardInterrupt
-        if self.signum is None and rank_and_world()[0] == 0:
-            tqdm.write(f"{signal.Signals(signum).name}: finishing this epoch, then saving a checkpoint " + (
+        if self.signum is None:
+            print0(f"{signal.Signals(signum).name}: finishing this epoch, then saving a checkpoint " + (
                 "(torchrun kills the processes after its --shutdown-timeout, 30 s unless set longer)" if self.relayed
                 else "(again to abort)"))
         self.signum = self.signum or signum
-
-
-@torch.no_grad()
-def evaluate(pipe, prompts: list[str], reward_fn, args: Args, grid: Path, shown: int = 64) -> dict:
-    """Mean rewards of one ODE sample (--eval-steps) per prompt from noise fixed by --seed (drawn on the CPU, so
-    the same on any device), so that evaluations of one run, and of runs with one seed, are comparable. The prompts
-    are encoded once, then go in chunks of one transformer call; the first `shown` samples go to a PNG grid. A
-    reward server's failure in any process raises RewardServerError in every process."""
-    device, per_call = pipe.transformer.device, max(1, args.max_batch // cfg_copies(args.guidance))
-    noise = initial_noise(pipe, len(prompts), args.resolution, torch.Generator().manual_seed(args.seed))
-    chunks = [prompts[j:j + per_call] for j in range(0, len(prompts), per_call)]
-    with placed(text_encoders(pipe), device, args.offload_text_encoders):  # all at once: the encoders come once
-        embeds = [encode_prompts(pipe, chunk).to("cpu") for chunk in chunks]
-    scores, images, failure = [], [], None
-    for chunk, chunk_embeds, chunk_noise in zip(chunks, embeds, noise.split(per_call)):
-        chunk_images = ode_images(pipe, chunk_embeds.to(device), chunk_noise, args.eval_steps, args.guidance,
-                                  args.max_batch)
-        try:
-            with placed(reward_fn.models, device, args.offload_reward):
-                scores.append(reward_fn(chunk_images, chunk))
-        except RewardServerError as err:
-            failure = err
-            break
-        images.append(chunk_images[:max(0, shown - len(images) * per_call)].cpu())
-    agree(failure)
-    scores = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
-    if rank_and_world()[0] == 0:  # under torchrun every process evaluates the same weights; the first writes
-        save_grid(torch.cat(images), [f"{p} | {r:.3g}" for p, r in zip(prompts, scores["reward"][:shown].tolist())],
-                  grid)
-    return {f"eval_{k}": v[torch.isfinite(v)].mean().item() for k, v in scores.items()}
-
-
-def save_grid(images: Tensor, captions: list[str], path: Path, columns: int = 8, side: int = 192):
-    """A PNG of images [N, 3, H, W] in [0, 1], each over its caption."""
-    from PIL import Image, ImageDraw
-
-    rows = math.ceil(len(images) / columns)
-    text_height = 36
-    grid = Image.new("RGB", (columns * side, rows * (side + text_height)), "white")
-    draw = ImageDraw.Draw(grid)
-    for n, (image, caption) in enumerate(zip(to_pil(images), captions)):
-        x, y = n % columns * side, n // columns * (side + text_height)
-        grid.paste(image.resize((side, side), Image.NEAREST), (x, y))
-        lines = textwrap.wrap(caption, width=side // 6)[:3]
-        draw.multiline_text((x + 2, y + side + 1), "\n".join(lines), fill="black", spacing=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-
-
-def save_samples(images: Tensor, captions: list[str], path: Path, most: int = 32):
-    """A grid of at most `most` of an epoch's samples, evenly spread over the epoch's order."""
-    pick = torch.linspace(0, len(images) - 1, min(most, len(images))).long().tolist()
-    save_grid(images[pick], [captions[j] for j in pick], path)
-
-
-# ---------------- curves: metrics.jsonl -> curves.png ----------------
-
-def read_rows(path: Path) -> list[dict]:
-    """The metrics rows of a run, one JSON object per line of metrics.jsonl; none if there is no file yet."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_curves(rows: list[dict], path: Path):
-    """A PNG of a run's curves: reward, KL and clip fraction (columns) against epochs (top) and transformer
-    evaluations (bottom, where runs of different cost per epoch compare). Returns the figure, for tests."""
-    # Figure, not pyplot: no global backend switch and no figure left open in the caller's process
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import EngFormatter
-
-    fig = Figure(figsize=(12, 6), dpi=100, layout="constrained")
-    axes = fig.subplots(2, 3)
-    for ax_row, x_key, x_label in zip(axes, ("epoch", "nfe"), ("epoch", "transformer evaluations (NFE)")):
-        plot_reward(ax_row[0], rows, x_key)
-        plot_series(ax_row[1], rows, x_key, "kl", log=True)
-        plot_series(ax_row[2], rows, x_key, "clipfrac")
-        for ax, title in zip(ax_row, ("reward", "KL to base", "clip fraction")):
-            ax.set(title=title, xlabel=x_label)
-            ax.xaxis.set_major_formatter(EngFormatter())  # 20k, 1.5M: NFE runs to millions
-            ax.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return fig
-
-
-def plot_reward(ax, rows: list[dict], x_key: str):
-    """Training reward as a line, evaluation reward as markers on the evaluated epochs, the base model's evaluation
-    (first row only) as a dashed line."""
-    plot_series(ax, rows, x_key, "reward_mean", label="train")
-    plot_series(ax, rows, x_key, "eval_reward", label="eval", marker="o", markersize=3)
-    if rows and "base_eval_reward" in rows[0]:
-        ax.axhline(rows[0]["base_eval_reward"], color="gray", linestyle="--", label="base")
-    if ax.get_legend_handles_labels()[0]:  # a legend with nothing in it would only warn
-        ax.legend()
-
-
-def plot_series(ax, rows: list[dict], x_key: str, key: str, log: bool = False, **style):
-    """One metric against x_key over the rows that have it (eval_* exists on evaluated epochs only); log scale when
-    asked and every value is positive."""
-    points = [(row[x_key], row[key]) for row in rows if row.get(key) is not None and x_key in row]
-    if not points:
-        return
-    xs, ys = zip(*points)
-    style.setdefault("marker", "." if len(points) == 1 else None)  # a line through one point is invisible
-    ax.plot(xs, ys, **style)
-    if log and all(y > 0 for y in ys if math.isfinite(y)):
-        ax.set_yscale("log")
-
-
-# ---------------- Weights & Biases, behind --wandb ----------------
-
-class Tracker(NamedTuple):
-    """A wandb run: metrics rows and image grids at the step of their epoch."""
-    run: object
-    image: type  # wandb.Image
-
-    def log(self, row: dict):
-        self.run.log(row, step=row["epoch"])
-
-    def log_image(self, path: Path, key: str, epoch: int):
-        self.run.log({key: self.image(str(path))}, step=epoch)
-
-    def finish(self):
-        self.run.finish()
-
-
-def open_tracker(project: str, config: dict, out: Path, resume: bool) -> Tracker:
-    """One wandb run per --out, its files in out/wandb; its id is kept in out/wandb_id so that --resume continues the
-    same run. WANDB_MODE=offline works without a login or network (`wandb sync out/wandb` later)."""
-    try:
-        import wandb
-    except ImportError:
-        raise SystemExit("error: --wandb needs the wandb package: pip install wandb") from None
-    id_file = out / "wandb_id"
-    run_id = id_file.read_text().strip() if resume and id_file.exists() else None  # None: wandb picks one
-    run = wandb.init(project=project, config=config, dir=str(out), id=run_id, resume="allow")
-    id_file.write_text(run.id)
-    return Tracker(run, wandb.Image)
-
-
-# ---------------- progress on a terminal and in a log file ----------------
-
-def is_terminal() -> bool:
-    """Whether both output streams are terminals, where a bar redraws in place. Elsewhere (`> train.log`, nohup, a
-    job scheduler, `| tee`) every redraw would stay in the file as text."""
-    return all(stream is not None and stream.isatty() for stream in (sys.stdout, sys.stderr))
-
-
-class PlainLines:
-    """A file for tqdm that turns each refresh ('\\r' + status + padding) into one line on stdout, beside the log
-    lines; the blank refreshes of closing are dropped."""
-    def write(self, text: str):
-        text = text.strip("\r\n").rstrip()
-        if text:
-            sys.stdout.write(text + "\n")
-
-    def flush(self):
-        sys.stdout.flush()
-
-
-def progress(iterable=None, every_s: float = 300, **kwargs) -> tqdm:
-    """tqdm's bar on a terminal; elsewhere one plain line every every_s seconds, the first after every_s, so that a
-    long epoch says where it is in a log file and a short one adds nothing to it."""
-    kwargs.setdefault("disable", rank_and_world()[0] != 0)  # under torchrun the first process speaks for all
-    if is_terminal():
-        return tqdm(iterable, **kwargs)
-    # position=0: a nested bar would move the cursor up and down with escape codes
-    kwargs.update(file=PlainLines(), mininterval=every_s, delay=every_s, position=0,
-                  bar_format="{desc}: {n_fmt}/{total_fmt} {unit}, {elapsed} elapsed, {remaining} left")
-    return tqdm(iterable, **kwargs)
-
-
-# =====================================================================================================
-# The training loop: rollout -> rewards -> advantages -> optimizer steps -> log
-# =====================================================================================================
-
-
-class Batch(NamedTuple):
-    """One epoch's training transitions, after the rewards and advantages are known. K transitions."""
-    x: Tensor          # [K, C, H, W]
-    y: Tensor          # [K, C, H, W]
-    log_prob: Tensor   # [K]
-    step: Tensor       # [K]
-    prompt: Tensor     # [K] row of the epoch's PromptEmbeds
-    advantage: Tensor  # [K]
-
-
-def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor, branch_steps: list[int],
-            gen: torch.Generator, timer: "Timer") -> tuple[Batch, PromptEmbeds, dict, tuple]:
-    """Sample this process's share of an epoch (SPEC 3 or 7) in chunks of --rollout-prompts prompts, each decoded
-    and scored as it finishes, so that GPU memory does not grow with the epoch; the recorded transitions wait on
-    the CPU. Then the rewards become advantages (SPEC 4). Also returns up to 32 images, with captions, for a grid.
-    A reward server's failure in any process raises RewardServerError in every process."""
-    world = rank_and_world()[1]
-    picks = torch.randint(len(prompt_list), (args.prompts_per_epoch // world,), generator=gen,
-                          device=gen.device).tolist()
-    prompts = [prompt_list[j] for j in picks]
-    device = pipe.transformer.device
-    with timer("sample_s"), placed(text_encoders(pipe), device, args.offload_text_encoders):
-        embeds = encode_prompts(pipe, prompts)
-    size = epoch_size(args, branch_steps)
-    per_prompt = size["trunks"] // args.prompts_per_epoch  # initial noises per prompt
-    noise_prompt = torch.arange(len(prompts)).repeat_interleave(per_prompt)  # [N]
-    noise = initial_noise(pipe, len(noise_prompt), args.resolution, gen)  # [N, C, H, W]
-    images = size["images"] // world
-    shown = torch.zeros(images, dtype=torch.bool)
-    shown[torch.linspace(0, images - 1, min(32, images)).long()] = True  # the grid's images, spread over the epoch
-    parts, before, failure = [], 0, None  # before: the epoch's images sampled before this chunk
-    bar = progress(total=len(prompts), desc="sample", unit="prompt", leave=False)
-    for trunks in torch.arange(len(noise)).split(args.rollout_prompts * per_prompt):
-        rows = noise_prompt[trunks]
-        try:
-            out, scores, kept = sample_chunk(pipe, args, noise[trunks], embeds.take(rows.to(device)),
-                                             [prompts[p] for p in rows.tolist()], reward_fn, sigmas, branch_steps,
-                                             gen, timer, shown[before:])
-        except RewardServerError as err:
-            failure = err
-            break
-        # the chunk's trunk and image ids -> the epoch's
-        parts.append((out._replace(image_noise=out.image_noise + trunks[0], image=out.image + before), scores, kept))
-        before += len(out.image_noise)
-        bar.update(len(trunks) // per_prompt)
-    bar.close()
-    agree(failure)
-    out = Rollout(*map(torch.cat, zip(*(part[0] for part in parts))))  # latents: none, they are decoded
-    scores = {k: torch.cat([part[1][k] for part in parts]) for k in parts[0][1]}
-    batch, metrics = trained_batch(out, scores, noise_prompt, args)
-    image_prompt = noise_prompt[out.image_noise[shown]]
-    captions = [f"{prompts[p]} | {r:.3g}" for p, r in zip(image_prompt.tolist(), scores["reward"][shown].tolist())]
-    return batch, embeds, metrics, (torch.cat([part[2] for part in parts]), captions)
-
-
-def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, captions: list[str], reward_fn,
-                 sigmas: Tensor, branch_steps: list[int], gen: torch.Generator, timer: "Timer", shown: Tensor
-                 ) -> tuple[Rollout, dict, Tensor]:
-    """Roll out N trunks (noise [N, C, H, W], prompts and captions: N rows), decode and score their images in
-    chunks of --max-batch; returns the rollout on the CPU without its latents, the scores [M] and the images that
-    `shown` [>= M] marks for the grid."""
-    device = pipe.transformer.device
-    with timer("sample_s"), autocast(pipe.transformer):
-        out = rollout(sd3_velocity(pipe.transformer, prompts, args.guidance, args.max_batch), noise.to(device),
-                      sigmas, args.rollout, branch_steps, args.noise_level, gen, args.branches, args.sampler,
-                      args.finish_steps, *tree_shape(args))
-    image_captions = [captions[n] for n in out.image_noise.tolist()]
-    scores, kept = [], []
-    with timer("score_s"), autocast(pipe.transformer), placed(reward_fn.models, device, args.offload_reward):
-        for j in range(0, len(out.latents), args.max_batch):
-            images = decode_latents(pipe, out.latents[j:j + args.max_batch])  # [<= max_batch, 3, H, W]
-            scores.append(reward_fn(images, image_captions[j:j + args.max_batch]))
-            kept.append(images[shown[j:j + len(images)].to(device)].cpu())
-    out = Rollout(*(t.cpu() for t in out._replace(latents=out.latents[:0])))
-    return out, {k: torch.cat([s[k] for s in scores]) for k in scores[0]}, torch.cat(kept)
-
-
-def trained_batch(out: Rollout, scores: dict, noise_prompt: Tensor, args: Args) -> tuple[Batch, dict]:
-    """Rewards -> advantages over groups (SPEC 4; under torchrun from every process's rewards, for the global std
-    and the metrics) -> the transitions that train, and the epoch's reward metrics."""
-    tree = args.rollout == "tree"
-    if tree:  # BranchGRPO: advantages are the nodes', of their fused rewards, a group one depth of a tree
-        reward, noise, step = fused_rewards(scores["reward"], out.image, out.span), out.image_noise[out.image], out.step
-    else:  # advantages are the images'
-        reward, noise, step = scores["reward"], out.image_noise, out.image_step
-    # seed groups share (prompt, initial noise, k); prompt groups share (prompt, k)
-    seed = noise if args.group == "seed" else torch.zeros_like(noise)
-    keys = torch.stack([noise_prompt[noise], seed, step], dim=1)
-    groups = torch.unique(keys, dim=0, return_inverse=True)[1]  # [M], ids below M
-    rank, m = rank_and_world()[0], len(groups)
-    everyone = {k: gather(v) for k, v in scores.items()}  # [world * M], rank by rank; groups stay apart:
-    all_groups = gather(groups + rank * m)
-    advantages, zero_std = group_advantages(gather(reward) if tree else everyone["reward"], all_groups,
-                                            args.adv_clip, args.adv_std == "global")
-    mine, valid = slice(rank * m, (rank + 1) * m), torch.isfinite(reward)
-    if tree:
-        keep, advantage = valid & ~(zero_std[mine] & args.drop_zero_std), advantages[mine]
-        keep &= ~torch.isin(out.step, torch.tensor(pruned_steps(args), dtype=torch.long))
-        if args.prune_width:
-            splits, factor = tree_shape(args)
-            keep &= width_pruned(scores["reward"], out.image, out.span, factor ** len(splits), args.prune_width)
-    else:
-        keep = trained_images(advantages[mine], out.image_noise, valid, zero_std[mine], args.drop_zero_std)[out.image]
-        advantage = advantages[mine][out.image]
-    batch = Batch(out.x[keep], out.y[keep], out.log_prob[keep], out.step[keep],
-                  noise_prompt[out.image_noise[out.image]][keep], advantage[keep])  # [K] rows of each
-    every_valid = torch.isfinite(everyone["reward"])
-    rewards = everyone["reward"][every_valid]
-    metrics = dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
-                   images=len(every_valid), invalid=int((~every_valid).sum()), transitions=int(all_sum(len(batch.x))),
-                   zero_std_frac=all_groups[zero_std].unique().numel() / all_groups.unique().numel())
-    metrics.update({f"reward_{k}": v[torch.isfinite(v)].mean().item() for k, v in everyone.items() if k != "reward"})
-    return batch, metrics
-
-
-def transition_loss(transformer, batch: Batch, rows: Tensor, embeds: PromptEmbeds, sigmas: Tensor,
-                    step_weight: Tensor, args: Args) -> tuple[Tensor, dict]:
-    """grpo_loss of some transitions: the policy's log-prob of the recorded y with gradients, the base model's
-    mean without (skipped when beta = 0)."""
-    device = transformer.device  # the transitions wait on the CPU; a micro-batch comes over to be trained
-    x, y, k = batch.x[rows].to(device), batch.y[rows].to(device), batch.step[rows].to(device)
-    prompts, sigma = embeds.take(batch.prompt[rows].to(device)), sigmas.to(device)[k]
-    with autocast(transformer):
-        v = cfg_velocity(transformer, x, sigma, prompts, args.guidance)
-    _, log_prob, mean, std = sde_step(x, v, sigmas, k, args.noise_level, prev_sample=y, sampler=args.sampler)
-    ref_mean = mean.detach()
-    if args.beta > 0:
-        with torch.no_grad(), lora_disabled(transformer), autocast(transformer):
-            v_ref = cfg_velocity(transformer, x, sigma, prompts, args.guidance)
-        ref_mean = sde_step(x, v_ref, sigmas, k, args.noise_level, prev_sample=y, sampler=args.sampler)[2]
-    return grpo_loss(log_prob, batch.log_prob[rows].to(device), batch.advantage[rows].to(device),
-                     step_weight.to(device)[k], mean, ref_mean, std, args.clip_range, args.beta)
-
-
-def update(transformer, params, optimizer, batch: Batch, embeds: PromptEmbeds, sigmas: Tensor,
-           step_weight: Tensor, args: Args, gen: torch.Generator, ema=None, steps_before: int = 0) -> dict:
-    """--optimizer-steps AdamW steps over a shuffled epoch, each accumulating gradients over micro-batches of at
-    most --train-batch latents, so that its loss is the mean over its transitions: over every process's, under
-    torchrun, however unevenly the zero-advantage rule left them. A step whose loss or gradient is not finite is
-    skipped, counted and warned about: it never reaches the weights. After each step the EMA, if any, sees the
-    run's optimizer step count (steps_before before this epoch). Returns the epoch's mean statistics."""
-    per_call = max(1, args.train_batch // cfg_copies(args.guidance))
-    order = torch.randperm(len(batch.x), generator=gen, device=gen.device).to(batch.x.device)
-    totals = dict(skipped_updates=0)
-    bar = progress(total=len(order), desc="train", unit="transition", leave=False)
-    for n, part in enumerate(order.tensor_split(args.optimizer_steps), start=steps_before + 1):
-        count = all_sum(len(part))  # the step's transitions, over every process
-        if not count:
-            ema_update(ema, params, n)
-            continue  # every trunk of the epoch had equal rewards: nothing to learn from
-        finite = True
-        for rows in part.split(per_call) if len(part) else ():  # (an empty part splits into one empty piece)
-            loss, stats = transition_loss(transformer, batch, rows, embeds, sigmas, step_weight, args)
-            finite = finite and bool(torch.isfinite(loss))
-            if finite:
-                (loss * len(rows) / count).backward()
-            for key, value in dict(stats, loss=loss.detach()).items():
-                totals[key] = totals.get(key, 0.0) + value.item() * len(rows) / len(order)
-            bar.update(len(rows))
-        finite = all_sum(not finite) == 0  # one process's NaN skips the step for all
-        sum_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        if finite and torch.isfinite(grad_norm):
-            optimizer.step()
-        else:
-            totals["skipped_updates"] += 1
-            if rank_and_world()[0] == 0:
-                tqdm.write(f"warning: skipped an update with a non-finite {'loss' if not finite else 'gradient'}")
-        optimizer.zero_grad(set_to_none=True)
-        ema_update(ema, params, n)
-        totals["grad_norm"] = grad_norm.item()
-    bar.close()
-    return totals
-
-
-def setup(args: Args, device: torch.device) -> tuple:
-    """The pipeline, frozen but for a fresh LoRA on its transformer, the AdamW over that LoRA, its EMA, and the
-    training and evaluation rewards."""
-    place, dtype = "cpu" if args.offload_reward else device, getattr(torch, args.reward_dtype)
-    reward_fn = load_reward(args.reward, place, dtype=dtype, wait=args.reward_wait)
-    eval_fn = reward_fn if not args.eval_reward else load_reward(args.eval_reward, place, dtype=dtype,
-                                                                 wait=args.reward_wait)
-    pipe = load_pipeline(args.model, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    for module in [pipe.transformer, pipe.vae, *text_encoders(pipe)]:
-        module.requires_grad_(False)
-        module.to("cpu" if args.offload_text_encoders and module in text_encoders(pipe) else device)
-    if device.type == "cuda":
-        pipe.vae.enable_slicing()  # one 512 px image at a time: a batch's decoder activations would take GBs
-    torch.manual_seed(args.seed)  # LoRA's initial A
-    params = add_lora(pipe.transformer, args.lora_rank)
-    if args.gradient_checkpointing:
-        pipe.transformer.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    return pipe, params, optimizer, make_ema(params, args.ema), reward_fn, eval_fn
-
-
-def tree_shape(args: Args) -> tuple[list[int], int]:
-    """(split steps, split factor) of a BranchGRPO tree; ([], 1) for the other rollouts."""
-    if args.rollout != "tree":
-        return [], 1
-    return parse_branch_steps(args.split_steps, args.steps), args.split_factor
-
-
-def pruned_steps(args: Args) -> list[int]:
-    """The steps --prune-depth leaves untrained (none when it is empty)."""
-    return parse_branch_steps(args.prune_depth, args.steps) if args.prune_depth else []
-
-
-def epoch_size(args: Args, branch_steps: list[int]) -> dict:
-    """An epoch's size, derived once from the settings: trunks, images, transitions, transformer evaluations."""
-    trunks = args.prompts_per_epoch * args.seeds_per_prompt * (args.branches if args.rollout == "sde" else 1)
-    splits, factor = tree_shape(args)
-    if args.rollout == "tree":  # a root's leaves; its nodes after each trained step (at most, with --prune-width)
-        images = trunks * factor ** len(splits)
-        transitions = trunks * sum(factor ** sum(k <= i for k in splits) for i in branch_steps
-                                   if i not in pruned_steps(args))
-    else:
-        images = trunks * (len(branch_steps) * args.branches if args.rollout == "branch" else 1)
-        transitions = images * (1 if args.rollout == "branch" else len(branch_steps))
-    sampling = trunks * rollout_nfe(args.rollout, args.steps, branch_steps, args.branches, args.guidance,
-                                    args.finish_steps, splits, factor)
-    # training: the policy's forward and, with beta > 0, the base model's, CFG's halves counted
-    train_nfe = transitions * cfg_copies(args.guidance) * (2 if args.beta > 0 else 1)
-    return dict(trunks=trunks, images=images, transitions=transitions,
-                per_step=math.ceil(transitions / args.optimizer_steps), rollout_nfe=sampling, train_nfe=train_nfe)
-
-
-def train(args: Args) -> list[dict]:
-    """The whole run, resumable; returns the metrics rows of the epochs it ran. Under torchrun every process runs
-    it on its share of each epoch's prompts, and the first writes everything. Every setting is checked, and every
-    model looked for, before anything loads; --out is written only once everything has loaded."""
-    with said_once():
-        args, config, prompts, eval_prompts, note = prepare(args)
-        device = init_distributed()
-        pipe, params, optimizer, ema, reward_fn, eval_fn = setup(args, device)
-    (rank, world), out = rank_and_world(), Path(args.out)
-    write_config(out, config)
-    tracker = open_tracker(args.wandb, config, out, args.resume) if args.wandb and rank == 0 else None
-    sigmas = sigma_grid(pipe.scheduler, args.steps, args.shift).to(device)
-    branch_steps = parse_branch_steps(args.branch_steps, args.steps)
-    cuts = [prompt_cuts(pipe, prompts, "--prompt-file"), prompt_cuts(pipe, eval_prompts, "--eval-prompt-file")]
-    print0(*filter(None, [note, *cuts]), describe_epoch(args, branch_steps, world))
-    step_weight = step_weights(args, sigmas, branch_steps)
-    gen = torch.Generator(device).manual_seed(args.seed + rank)  # each process its own prompts and noise
-    state = resume_state(out, args, pipe.transformer, optimizer, ema, gen)
-    # the NFE of every process add up to the run's: the first carries the count so far
-    cost, stop, rows, base = Cost(pipe.transformer, state["nfe"] * (rank == 0), state["wall_s"]), StopOnSignal(), [], {}
-    prompt_list, eval_prompts = [p for _, p in prompts], [p for _, p in eval_prompts]
-    if eval_prompts and state["epoch"] == 0:  # the base model, for the first row
-        with cost.paused(), ema_weights(ema, params):
-            try:
-                base = evaluate(pipe, eval_prompts, eval_fn, args, out / "images" / "eval_base.png")
-            except RewardServerError as err:
-                server_down(err, args, "in the base model's evaluation", evaluating=True)
-        failure = reward_failure(base, args, "in the base model's evaluation")
-        with said_once():
-            check(not failure, failure)
-        base = {"base_" + k: v for k, v in base.items()}
-    if state.get("pending"):  # an epoch that trained, saved when its evaluation's reward server failed
-        rows.append(state["pending"])
-        epoch = rows[-1]["epoch"]
-        with cost.paused(), ema_weights(ema, params):
-            try:  # (unless this resume leaves evaluation out)
-                rows[-1].update(evaluate(pipe, eval_prompts, eval_fn, args, out / "images" / f"eval_{epoch:06d}.png")
-                                if eval_prompts else {})
-            except RewardServerError as err:
-                server_down(err, args, f"in epoch {epoch}'s evaluation", evaluating=True)
-        if rank == 0:
-            publish(out, rows[-1], None, args, tracker, epoch + 1 >= args.epochs or 0 < args.max_nfe <= state["nfe"])
-    done = 0 < args.max_nfe <= state["nfe"]  # a resumed run that had already spent its --max-nfe
-    bar = progress(range(state["epoch"], args.epochs if not done else state["epoch"]), desc="epochs", unit="epoch",
-                   initial=state["epoch"], total=args.epochs)
-    for epoch in bar:
-        timer, start = Timer(device), (gen.get_state(), torch.get_rng_state())  # the epoch's start, for an outage
-        with memory_advice(args, epoch):
-            try:
-                batch, embeds, metrics, samples = collect(pipe, args, prompt_list, reward_fn, sigmas, branch_steps,
-                                                          gen, timer)
-            except RewardServerError as err:  # in every process at once: the epoch is dropped, its start saved
-                gen.set_state(start[0])
-                torch.set_rng_state(start[1])
-                save_checkpoint(out, pipe.transformer, params, optimizer, ema, gen, dict(
-                    epoch=epoch, metrics_rows=state["metrics_rows"] + len(rows), processes=world,
-                    nfe=rows[-1]["nfe"] if rows else state["nfe"], wall_s=cost.wall_s()))
-                server_down(err, args, f"in epoch {epoch}")
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", refresh=False)
-            with timer("train_s"):
-                metrics.update(mean_over_processes(update(pipe.transformer, params, optimizer, batch, embeds, sigmas,
-                                                          step_weight, args, gen, ema, epoch * args.optimizer_steps),
-                                                   len(batch.x)))
-            nfe = int(all_sum(cost.nfe))
-            last, outage = epoch + 1 == args.epochs or 0 < args.max_nfe <= nfe, None
-            if eval_prompts and ((epoch + 1) % args.eval_every == 0 or last):  # every process: none waits
-                with timer("eval_s"), cost.paused(), ema_weights(ema, params):
-                    grid = out / "images" / f"eval_{epoch:06d}.png"
-                    try:
-                        metrics.update(evaluate(pipe, eval_prompts, eval_fn, args, grid))
-                    except RewardServerError as err:
-                        outage = err
-        rows.append(dict(epoch=epoch, **metrics, **timer.metrics(), **(base if epoch == 0 else {}), nfe=nfe,
-                         wall_s=cost.wall_s()))
-        if outage:  # the epoch trained: it is saved with its row, which --resume completes with the evaluation
-            if rank == 0 and ((epoch + 1) % args.image_every == 0 or last):
-                save_samples(*samples, out / "images" / f"{epoch:06d}.png")
-            save_checkpoint(out, pipe.transformer, params, optimizer, ema, gen, dict(
-                epoch=epoch + 1, metrics_rows=state["metrics_rows"] + len(rows) - 1, nfe=nfe, wall_s=cost.wall_s(),
-                processes=world, pending=rows[-1]))
-            server_down(outage, args, f"in epoch {epoch}'s evaluation", evaluating=True)
-        if rank == 0:
-            publish(out, rows[-1], samples, args, tracker, last)
-        stopping = all_sum(bool(stop.signum)) > 0  # a signal to any process stops all after this epoch
-        failure = reward_failure(metrics, args, f"in epoch {epoch}")
-        if (epoch + 1) % args.save_every == 0 or last or stopping or failure:
-            save_checkpoint(out, pipe.transformer, params, optimizer, ema, gen, dict(
-                epoch=epoch + 1, metrics_rows=state["metrics_rows"] + len(rows), nfe=nfe, wall_s=cost.wall_s(),
-                processes=world))
-        with said_once():
-            check(not failure, f"{failure}; the epoch's checkpoint is saved")
-        if stopping:
-            print0(f"stopped after epoch {epoch}, checkpoint saved; to continue: {resume_command(args, world)}")
-            raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-        if last:
-            break
-    if rank == 0:
-        with ema_weights(ema, params):
-            save_lora(pipe, out / "lora")
-    print0(summary(out))
-    if tracker:
-        tracker.finish()
-    return rows
 
 
 @contextmanager
@@ -1643,53 +1565,17 @@ def memory_advice(args: Args, epoch: int):
                          f"--offload-text-encoders, --offload-reward; then --resume") from None
 
 
-def prepare(args: Args) -> tuple[Args, dict, list, list, str | None]:
-    """All that can fail before anything loads: the settings resolved and checked, the prompt files read, --out and
-    every model looked at. Returns the settings, config.json's content, the (line, prompt) pairs of the training and
-    evaluation files, and a note on what a resume changes."""
-    args = finalize(args)
-    prompts = numbered_prompts(args.prompt_file)
-    eval_prompts = numbered_prompts(args.eval_prompt_file, "--eval-prompt-file") if args.eval_prompt_file else []
-    check_writable(args.out)
-    config = run_config(args, [prompt for _, prompt in prompts])
-    note = check_out(args, config)
-    check_models(args)
-    for flag, spec in (("--reward", args.reward), ("--eval-reward", args.eval_reward)):
-        if spec:
-            check_servers(spec, flag, prompts[0][1], args.reward_wait)
-    return args, config, prompts, eval_prompts, note
-
-
-def resume_state(out: Path, args: Args, transformer, optimizer, ema, gen: torch.Generator) -> dict:
-    """Where the run stands: with --resume the last checkpoint, restored into the LoRA, optimizer, EMA and
-    generators, and metrics.jsonl cut back to its epochs; epoch 0 otherwise."""
-    state = load_checkpoint(out, transformer, optimizer, ema, gen) if args.resume else None
-    state = state or dict(epoch=0, metrics_rows=0, nfe=0, wall_s=0.0)
-    if rank_and_world()[0] == 0:
-        keep_metrics_rows(out / "metrics.jsonl", state["metrics_rows"])  # drop rows of epochs after the checkpoint
-    return state
-
-
-def print0(*lines: str):
-    """Lines on stdout from the first process only (under torchrun it speaks for all), beside any progress bar."""
-    for line in lines if rank_and_world()[0] == 0 else ():
-        tqdm.write(line)
-    sys.stdout.flush()
-
-
-@contextmanager
-def said_once():
-    """Under torchrun every process meets the same errors of settings, files and rewards; the first says each, the
-    others exit quietly. They first give the first process time to say it: torchrun ends every process as soon as
-    one fails, and a quiet one that failed first could end the first before it had spoken."""
-    try:
-        yield
-    except SystemExit as err:
-        if isinstance(err.code, str) and int(os.environ.get("RANK", 0)) > 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's ending is final, whatever the loop set
-            time.sleep(30)
-            raise SystemExit(1) from None
-        raise
+def resume_command(args: Args, world: int) -> str:
+    """The command line that continues this run: its settings that differ from their defaults, and --resume."""
+    default = defaults(args.tiny) | METHODS[args.method]
+    words = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", str(world)]
+    words.append(os.path.relpath(__file__))
+    for f in fields(Args):
+        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if f.name == "resume" or (value == default[f.name] and f.name not in ("prompt_file", "out")):
+            continue
+        words += ([flag] if value else ["--no-" + flag[2:]]) if f.type is bool else [flag, str(value)]
+    return shlex.join(words + ["--resume"])
 
 
 def server_down(err: RewardServerError, args: Args, where: str, evaluating: bool = False):
@@ -1714,116 +1600,269 @@ def reward_failure(metrics: dict, args: Args, where: str) -> str | None:
     return None
 
 
-def summary(out: Path) -> str:
-    """The run in one line, from its metrics rows, and where its results are."""
-    rows = read_rows(out / "metrics.jsonl")
-    value = lambda v: "nan" if v is None else f"{v:.3f}"  # noqa: E731  (metrics.jsonl writes NaN as null)
-    evals = [row["eval_reward"] for row in rows if "eval_reward" in row]
-    if evals and "base_eval_reward" in rows[0]:
-        reward = f"eval reward {value(rows[0]['base_eval_reward'])} (base) -> {value(evals[-1])}"
-    else:
-        reward = f"reward {value(rows[0]['reward_mean'])} (epoch 0) -> {value(rows[-1]['reward_mean'])}"
-    return (f"done: {rows[-1]['epoch'] + 1} epochs | {reward} | nfe {rows[-1]['nfe']:,} | "
-            f"{rows[-1]['wall_s'] / 60:.1f} min | LoRA in {out / 'lora'}, curves {out / 'curves.png'}, grids in "
-            f"{out / 'images'}")
+# =====================================================================================================
+# The run: settings and models, then epoch after epoch
+# =====================================================================================================
 
 
-def resume_command(args: Args, world: int) -> str:
-    """The command line that continues this run: its settings that differ from their defaults, and --resume."""
-    default = defaults(args.tiny) | METHODS[args.method]
-    words = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", str(world)]
-    words.append(os.path.relpath(__file__))
-    for f in fields(Args):
-        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
-        if f.name == "resume" or (value == default[f.name] and f.name not in ("prompt_file", "out")):
-            continue
-        words += ([flag] if value else ["--no-" + flag[2:]]) if f.type is bool else [flag, str(value)]
-    return shlex.join(words + ["--resume"])
+def prepare(args: Args) -> tuple[Args, dict, list, list, str | None]:
+    """All that can fail before anything loads: the settings resolved and checked, the prompt files read, --out and
+    every model looked at. Returns the settings, config.json's content, the (line, prompt) pairs of the training and
+    evaluation files, and a note on what a resume changes."""
+    args = finalize(args)
+    prompts = numbered_prompts(args.prompt_file)
+    eval_prompts = numbered_prompts(args.eval_prompt_file, "--eval-prompt-file") if args.eval_prompt_file else []
+    check_writable(args.out)
+    config = run_config(args, [prompt for _, prompt in prompts])
+    note = check_out(args, config)
+    check_models(args)
+    for flag, spec in (("--reward", args.reward), ("--eval-reward", args.eval_reward)):
+        if spec:
+            check_servers(spec, flag, prompts[0][1], args.reward_wait)
+    return args, config, prompts, eval_prompts, note
 
 
-def step_weights(args: Args, sigmas: Tensor, branch_steps: list[int]) -> Tensor:
-    """w_k by grid index k [T]: noise_aware_weights at the trained steps with --weighting noise, else 1."""
-    step_weight = torch.ones(args.steps)
-    if args.weighting == "noise":
-        step_weight[branch_steps] = noise_aware_weights(sigmas.cpu(), args.noise_level, branch_steps, args.sampler)
-    return step_weight
+def setup(args: Args, device: torch.device) -> tuple:
+    """The pipeline, frozen but for a fresh LoRA on its transformer, the AdamW over that LoRA, its EMA, and the
+    training and evaluation rewards."""
+    place, dtype = "cpu" if args.offload_reward else device, getattr(torch, args.reward_dtype)
+    # without torchvision, transformers falls back to its PIL image processors (fine here) and says so at every start
+    with logs_dropped(["transformers.utils.import_utils"], "requires torchvision"):
+        reward_fn = load_reward(args.reward, place, dtype=dtype, wait=args.reward_wait)
+        eval_fn = reward_fn if not args.eval_reward else load_reward(args.eval_reward, place, dtype=dtype,
+                                                                     wait=args.reward_wait)
+        pipe = load_pipeline(args.model, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    for module in [pipe.transformer, pipe.vae, *text_encoders(pipe)]:
+        module.requires_grad_(False)
+        module.to("cpu" if args.offload_text_encoders and module in text_encoders(pipe) else device)
+    if device.type == "cuda":
+        pipe.vae.enable_slicing()  # one 512 px image at a time: a batch's decoder activations would take GBs
+    torch.manual_seed(args.seed)  # LoRA's initial A
+    params = add_lora(pipe.transformer, args.lora_rank)
+    if args.gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    return pipe, params, optimizer, make_ema(params, args.ema), reward_fn, eval_fn
 
 
-def describe_epoch(args: Args, branch_steps: list[int], world: int) -> str:
-    """The derived sizes of an epoch, in one line."""
-    size = epoch_size(args, branch_steps)
-    return (f"epoch: {args.prompts_per_epoch} prompts x {size['trunks'] // args.prompts_per_epoch} noises"
-            f"{f' over {world} processes' if world > 1 else ''}, {size['images']:,} images, "
-            f"{size['transitions']:,} transitions ({size['per_step']:,} per optimizer step), "
-            f"{size['rollout_nfe'] + size['train_nfe']:,} transformer evaluations (rollout "
-            f"{size['rollout_nfe']:,}, training {size['train_nfe']:,})")
+class Run(NamedTuple):
+    """What every epoch of a run works with, set up once by start()."""
+    pipe: object                 # the StableDiffusion3Pipeline, a LoRA on its transformer
+    params: list                 # the LoRA's parameters, float32
+    optimizer: torch.optim.Optimizer
+    ema: object                  # diffusers' EMAModel, or None
+    reward_fn: object            # training's reward (reward.py)
+    eval_fn: object              # evaluation's
+    sigmas: Tensor               # [T + 1] the grid
+    branch_steps: list[int]      # B
+    step_weight: Tensor          # [T] w_k by grid index
+    gen: torch.Generator         # this process's prompts and noise
+    out: Path
+    tracker: Tracker
+    prompts: list[str]           # the training prompts
+    eval_prompts: list[str]      # the evaluation prompts (none: no evaluation)
 
 
-def keep_metrics_rows(path: Path, n: int):
-    """Truncate metrics.jsonl to its first n rows: those of the epochs a resumed run keeps."""
-    lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
-    path.write_text("".join(lines))
+def resume_state(run: Run, args: Args) -> dict:
+    """Where the run stands: with --resume the last checkpoint, restored into the LoRA, optimizer, EMA and
+    generators, and metrics.jsonl cut back to its epochs; epoch 0 otherwise."""
+    state = load_checkpoint(run.out, run.pipe.transformer, run.optimizer, run.ema, run.gen) if args.resume else None
+    state = state or dict(epoch=0, metrics_rows=0, nfe=0, wall_s=0.0)
+    if rank_and_world()[0] == 0:
+        keep_metrics_rows(run.out / "metrics.jsonl", state["metrics_rows"])  # drop rows of epochs after the checkpoint
+    return state
 
 
-def publish(out: Path, row: dict, samples: tuple, args: Args, tracker, last: bool):
-    """An epoch's outputs: its log line and metrics row; its sample grid every --image-every epochs; the curves at
-    each evaluation and at the end; the same rows and grids to Weights & Biases with --wandb."""
+def start(args: Args) -> tuple[Run, Args, dict]:
+    """Everything before the first epoch: the settings checked (prepare), the models loaded (setup), config.json
+    written, the epoch described, and with --resume the last checkpoint restored; returns the Run, the resolved
+    settings and where the run stands."""
+    with said_once():
+        args, config, prompts, eval_prompts, note = prepare(args)
+        device = init_distributed()
+        pipe, params, optimizer, ema, reward_fn, eval_fn = setup(args, device)
+    (rank, world), out = rank_and_world(), Path(args.out)
+    write_config(out, config)
+    tracker = open_tracker(args.wandb, config, out, args.resume) if args.wandb and rank == 0 else Tracker()
+    sigmas = sigma_grid(pipe.scheduler, args.steps, args.shift).to(device)
+    branch_steps = parse_branch_steps(args.branch_steps, args.steps)
+    cuts = [prompt_cuts(pipe, prompts, "--prompt-file"), prompt_cuts(pipe, eval_prompts, "--eval-prompt-file")]
+    print0(*filter(None, [note, *cuts]), describe_epoch(args, branch_steps, world))
+    gen = torch.Generator(device).manual_seed(args.seed + rank)  # each process its own prompts and noise
+    run = Run(pipe, params, optimizer, ema, reward_fn, eval_fn, sigmas, branch_steps,
+              step_weights(args, sigmas, branch_steps), gen, out, tracker, [p for _, p in prompts],
+              [p for _, p in eval_prompts])
+    return run, args, resume_state(run, args)
+
+
+def evaluated(run: Run, args: Args, name: str) -> dict:
+    """evaluate() under the EMA weights, its grid in images/eval_{name}.png."""
+    with ema_weights(run.ema, run.params):
+        return evaluate(run.pipe, run.eval_prompts, run.eval_fn, args, run.out / "images" / f"eval_{name}.png")
+
+
+def base_evaluation(run: Run, args: Args) -> dict:
+    """The base model's evaluation, as the first row's base_eval_* (the LoRA starts with B = 0: its EMA is the
+    base model); a reward that gives it nothing finite ends the run."""
+    try:
+        base = evaluated(run, args, "base")
+    except RewardServerError as err:
+        server_down(err, args, "in the base model's evaluation", evaluating=True)
+    failure = reward_failure(base, args, "in the base model's evaluation")
+    with said_once():
+        check(not failure, failure)
+    return {"base_" + k: v for k, v in base.items()}
+
+
+def save_samples(run: Run, args: Args, epoch: int, samples: tuple | None, last: bool) -> bool:
+    """The grid of the epoch's samples (images, captions) every --image-every epochs and at the end, from the first
+    process; whether it was written."""
+    due = samples is not None and ((epoch + 1) % args.image_every == 0 or last) and rank_and_world()[0] == 0
+    if due:
+        save_grid(*samples, run.out / "images" / f"{epoch:06d}.png")
+    return due
+
+
+def publish(run: Run, args: Args, row: dict, samples: tuple | None, last: bool):
+    """An epoch's outputs, from the first process: its log line and metrics row; its sample grid every
+    --image-every epochs; the curves at each evaluation and at the end; the same rows and grids to the tracker."""
+    if rank_and_world()[0] != 0:
+        return
     epoch, grids = row["epoch"], {}
-    log(row, out / "metrics.jsonl")
-    if samples and ((epoch + 1) % args.image_every == 0 or last):
-        grids["samples"] = out / "images" / f"{epoch:06d}.png"
-        save_samples(*samples, grids["samples"])
+    log(row, run.out / "metrics.jsonl")
+    if save_samples(run, args, epoch, samples, last):
+        grids["samples"] = run.out / "images" / f"{epoch:06d}.png"
     if "base_eval_reward" in row:
-        grids["eval_base"] = out / "images" / "eval_base.png"
+        grids["eval_base"] = run.out / "images" / "eval_base.png"
     if "eval_reward" in row:
-        grids["eval"] = out / "images" / f"eval_{epoch:06d}.png"
+        grids["eval"] = run.out / "images" / f"eval_{epoch:06d}.png"
     if "eval_reward" in row or last:
-        plot_curves(read_rows(out / "metrics.jsonl"), out / "curves.png")
-    if tracker:
-        tracker.log(row)
-        for key, path in grids.items():
-            tracker.log_image(path, key, epoch)
+        plot_curves(read_rows(run.out / "metrics.jsonl"), run.out / "curves.png")
+    run.tracker.log(row)
+    for key, path in grids.items():
+        run.tracker.log_image(path, key, epoch)
 
 
-def log(row: dict, path: Path):
-    """One fixed-format line per epoch, and the same numbers in metrics.jsonl."""
-    evaluation = f" | base eval {row['base_eval_reward']:.3f}" if "base_eval_reward" in row else ""
-    evaluation += f" | eval {row['eval_reward']:.3f}" if "eval_reward" in row else ""
-    tqdm.write(f"epoch {row['epoch']} | reward {row['reward_mean']:.3f} +- {row['reward_std']:.3f}{evaluation} | "
-               f"loss {row.get('loss', 0):.3g} | kl {row.get('kl', 0):.2e} | clipfrac {row.get('clipfrac', 0):.2f} | "
-               f"zero-std {row['zero_std_frac']:.2f} | nfe {row['nfe']} | {row['wall_s']:.0f} s")
-    sys.stdout.flush()
-    # strict JSON has no NaN or Infinity: a non-finite number is written as null
-    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-    with path.open("a") as f:
-        f.write(json.dumps(row, allow_nan=False) + "\n")
+def pending_row(run: Run, args: Args, state: dict) -> list[dict]:
+    """The row of an epoch saved when its evaluation's reward server failed, completed by that evaluation (unless
+    this resume leaves evaluation out) and published, counted into state; none otherwise."""
+    if not state.get("pending"):
+        return []
+    row = state.pop("pending")
+    try:
+        row.update(evaluated(run, args, f"{row['epoch']:06d}") if run.eval_prompts else {})
+    except RewardServerError as err:
+        server_down(err, args, f"in epoch {row['epoch']}'s evaluation", evaluating=True)
+    publish(run, args, row, None, row["epoch"] + 1 >= args.epochs or 0 < args.max_nfe <= state["nfe"])
+    state["metrics_rows"] += 1
+    return [row]
+
+
+def checkpoint(run: Run, state: dict):
+    """save_checkpoint of the run where state says it stands (its epoch: the next to run)."""
+    save_checkpoint(run.out, run.pipe.transformer, run.params, run.optimizer, run.ema, run.gen,
+                    dict(state, processes=rank_and_world()[1]))
+
+
+def run_epoch(run: Run, args: Args, epoch: int, state: dict, base: dict) -> tuple[dict, tuple, Exception | None]:
+    """One epoch: the rollout, rewards and advantages (collect), the optimizer steps (update), the evaluation when
+    due. Returns its metrics row (base's evaluation in epoch 0's), its samples for a grid, and a reward server's
+    failure in the evaluation; one in the rollout's scoring saves the epoch's start and ends the run."""
+    timer, start_s = Timer(run.pipe.transformer.device), time.time()
+    gen_state, rng_state = run.gen.get_state(), torch.get_rng_state()  # the epoch's start, for an outage
+    with memory_advice(args, epoch):
+        try:
+            batch, embeds, metrics, samples = collect(run.pipe, args, run.prompts, run.reward_fn, run.sigmas,
+                                                      run.branch_steps, run.gen, timer)
+        except RewardServerError as err:  # in every process at once: the epoch is dropped, its start saved
+            run.gen.set_state(gen_state)
+            torch.set_rng_state(rng_state)
+            checkpoint(run, state)
+            server_down(err, args, f"in epoch {epoch}")
+        with timer("train_s"):
+            stats = update(run.pipe.transformer, run.params, run.optimizer, batch, embeds, run.sigmas, run.step_weight,
+                           args, run.gen, run.ema, epoch * args.optimizer_steps)
+            metrics.update(mean_over_processes(stats, len(batch.x)))
+        size = epoch_size(args, run.branch_steps)  # the rollout's evaluations, and those of the transitions trained
+        nfe = state["nfe"] + size["rollout_nfe"] + metrics["transitions"] * size["per_transition"]
+        outage = None
+        if run.eval_prompts and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
+                                 or 0 < args.max_nfe <= nfe):  # every process: none waits
+            with timer("eval_s"):
+                try:
+                    metrics.update(evaluated(run, args, f"{epoch:06d}"))
+                except RewardServerError as err:
+                    outage = err
+    # wall seconds of training: the evaluations' are not counted
+    wall_s = state["wall_s"] + time.time() - start_s - timer.seconds.get("eval_s", 0.0)
+    return dict(epoch=epoch, **metrics, **timer.metrics(), **(base if epoch == 0 else {}), nfe=nfe,
+                wall_s=round(wall_s, 2)), samples, outage
+
+
+def train(args: Args) -> list[dict]:
+    """The whole run, resumable; returns the metrics rows of the epochs it ran. Under torchrun every process runs
+    it on its share of each epoch's prompts, and the first writes everything. Every setting is checked, and every
+    model looked for, before anything loads; --out is written only once everything has loaded."""
+    run, args, state = start(args)
+    stop = StopOnSignal()
+    base = base_evaluation(run, args) if run.eval_prompts and state["epoch"] == 0 else {}
+    rows = pending_row(run, args, state)
+    done = 0 < args.max_nfe <= state["nfe"]  # a resumed run that had already spent its --max-nfe
+    bar = progress(range(state["epoch"], args.epochs if not done else state["epoch"]), desc="epochs", unit="epoch",
+                   initial=state["epoch"], total=args.epochs)
+    for epoch in bar:
+        row, samples, outage = run_epoch(run, args, epoch, state, base)
+        rows.append(row)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", refresh=False)
+        last = epoch + 1 == args.epochs or 0 < args.max_nfe <= row["nfe"]
+        state = dict(epoch=epoch + 1, metrics_rows=state["metrics_rows"] + 1, nfe=row["nfe"], wall_s=row["wall_s"])
+        if outage:  # the epoch trained: it is saved with its row, which --resume completes with the evaluation
+            save_samples(run, args, epoch, samples, last)
+            checkpoint(run, dict(state, metrics_rows=state["metrics_rows"] - 1, pending=row))
+            server_down(outage, args, f"in epoch {epoch}'s evaluation", evaluating=True)
+        publish(run, args, row, samples, last)
+        stopping = all_sum(bool(stop.signum)) > 0  # a signal to any process stops all after this epoch
+        failure = reward_failure(row, args, f"in epoch {epoch}")
+        if (epoch + 1) % args.save_every == 0 or last or stopping or failure:
+            checkpoint(run, state)
+        with said_once():
+            check(not failure, f"{failure}; the epoch's checkpoint is saved")
+        if stopping:
+            print0(f"stopped after epoch {epoch}, checkpoint saved; to continue: "
+                   f"{resume_command(args, rank_and_world()[1])}")
+            raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+        if last:
+            break
+    if rank_and_world()[0] == 0:
+        with ema_weights(run.ema, run.params):
+            save_lora(run.pipe, run.out / "lora")
+    print0(summary(run.out))
+    run.tracker.finish()
+    return rows
 
 
 # =====================================================================================================
-# Entry point: the command line is Args' fields
+# Entry point: tyro makes the command line from Args
 # =====================================================================================================
+
 
 TINY_WORLD = Path(__file__).parent / "tiny_world" / "pipeline"  # the tiny world's trained pipeline
+
+
 METHODS = {"tempflow": dict(rollout="branch", weighting="noise", group="seed", adv_std="group"),
            "flow_grpo": dict(rollout="sde", weighting="uniform", group="prompt", adv_std="global"),
            "branch_grpo": dict(rollout="tree", weighting="uniform", group="seed", adv_std="group",
                                split_steps="0,2,4,6")}
-TINY = dict(  # --tiny: the same loop on a CPU; README.md gives the measurements behind each departure
+
+
+TINY = dict(  # --tiny: the same loop on a CPU; bench/README.md gives the measurements behind each departure
     model=str(TINY_WORLD), reward="geneval_toy", resolution=64, max_batch=512, train_batch=512,
     eval_prompt_file=str(TINY_WORLD.parent / "prompts.txt"),
-    beta=0.004,                      # SPEC 6's value for GenEval-style rewards
+    beta=0.004,                      # the papers' value for GenEval-style rewards
     lr=1e-3, clip_range=0.02,        # at 3e-4 and 1e-4 the tiny model does not move; at lr 3e-3 it collapses
     branches=4, seeds_per_prompt=2,  # G = 6, S = 4 cost 3x the time for about the same gain per epoch
     prompts_per_epoch=4, epochs=40,  # 2 prompts learn less per NFE, and not from every seed; 48: an epoch 12x longer
-    drop_zero_std=True)              # the official rule learns less here (README.md's measurements)
-
-
-def field_docs(cls) -> dict[str, str]:
-    """The docstring under each dataclass field, for --help."""
-    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
-    body = next(node.body for node in tree.body if isinstance(node, ast.ClassDef) and node.name == cls.__name__)
-    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+    drop_zero_std=True)              # the official rule learns less here (bench/README.md)
 
 
 def defaults(tiny: bool = False) -> dict:
@@ -1832,14 +1871,13 @@ def defaults(tiny: bool = False) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    docs, default = field_docs(Args), defaults("--tiny" in (sys.argv[1:] if argv is None else argv))
-    for f in fields(Args):
-        help_text = docs[f.name] + (f" [--tiny: {TINY[f.name]}]" if f.name in TINY else "")
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        parser.add_argument("--" + f.name.replace("_", "-"), default=default[f.name], help=help_text, **kind)
-    return finalize(Args(**vars(parser.parse_args(argv))))
+    """The command line: tyro makes it from Args, each field's docstring its --help; with --tiny, TINY's values are
+    the defaults (and --help shows them)."""
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else argv
+    default = Args(**TINY, tiny=True) if "--tiny" in argv else Args()
+    return finalize(tyro.cli(Args, args=argv, default=default, description=__doc__.split("\n\n")[0]))
 
 
 def finalize(args: Args) -> Args:
