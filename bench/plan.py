@@ -2,7 +2,7 @@
 architecture, without allocating a single weight.
 
     python bench/plan.py [training flags]    # the peaks and time of one configuration, e.g. --train-batch 4
-    python bench/plan.py --write             # the README's table -> bench/results/plan.md (a few minutes)
+    python bench/plan.py --write             # bench/README.md's table -> bench/results/plan.md (minutes)
     python bench/plan.py --reduced ...       # the miniature (the suite runs this)
 
 The pipeline (bench/sd35m.py) and PickScore's CLIP-H are built on the meta device: tensors with shapes and
@@ -383,7 +383,7 @@ def describe(args: tg.Args, result: dict) -> list[str]:
 
 
 def write_report(path: Path, reduced: bool = False, sweep=(2, 4, 8, 16, 32)) -> str:
-    """bench/results/plan.md: the cards' rows with the README's flags, the training micro-batch against
+    """bench/results/plan.md: the cards' rows with bench/README.md's flags, the training micro-batch against
     --train-batch with and without checkpointing, and the reference epoch's FLOPs and time."""
     from bench.gpu import CAPS
     import diffusers
@@ -438,7 +438,7 @@ def write_report(path: Path, reduced: bool = False, sweep=(2, 4, 8, 16, 32)) -> 
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", action="store_true", help="the README's table -> --out")
+    parser.add_argument("--write", action="store_true", help="bench/README.md's table -> --out")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "plan.md")
     parser.add_argument("--reduced", action="store_true", help="the miniature pipeline (seconds, for tests)")
     ours, flags = parser.parse_known_args(argv)
