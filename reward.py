@@ -12,11 +12,58 @@ A reward is `fn(images, prompts) -> Tensor[B]`, images a float tensor [B, 3, H, 
     http://HOST:PORT/PATH     a reward server (https too), speaking the JSON protocol of serve() below
 
 and returns a function giving {"reward": the weighted sum, each component's name: its score}, all Tensor[B].
-A model that is not on disk is looked up on the hub; offline, point at a local copy with the environment variables
-PICKSCORE_MODEL, PICKSCORE_PROCESSOR and CLIPSCORE_MODEL.
+A model that is not on disk is looked up on the hub (MODELS: PickScore is yuvalkirstain/PickScore_v1 with the
+processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K, CLIPScore openai/clip-vit-large-patch14); offline, point at
+local copies with the environment variables PICKSCORE_MODEL, PICKSCORE_PROCESSOR and CLIPSCORE_MODEL, and set
+HF_HUB_OFFLINE=1 too, or the hub client retries for a minute before giving up.
 
-`python reward.py serve SPEC --port P` serves any of these rewards over HTTP, so that a reward model can run in
-another environment, on another GPU or on another machine.
+`python reward.py serve REWARD --port P` serves any of these rewards over HTTP, so that a reward model can run in
+another environment, on another GPU or on another machine; --reward and --eval-reward of tempflow_grpo.py take
+its URL, alone or weighted in a spec (http://gpu2:8001/geneval:1,pickscore:0.5). A URL may not hold a comma,
+which separates a spec's rewards.
+
+Reward servers: the protocol. JSON over HTTP or HTTPS, one POST per batch of at most 32 images (MAX_IMAGES), at
+any path:
+
+    POST {"prompts": ["a red circle", ...], "images": ["<base64 PNG>", ...]}
+    200  {"rewards": [0.83, null, ...], "strict": [1, 0, ...]}
+
+One reward per image, in order. A null is an image the server could not score: the trainer counts it in
+`invalid` and leaves it out of its group, as it does a NaN reward. Any other list of as many numbers (or nulls)
+is a component, logged as reward_<key>. The images are 8-bit RGB PNGs at the training resolution: the served
+reward of an image equals the in-process reward of its 8-bit copy, bit for bit, and a tiny-world run against
+`reward.py serve color` trains the same LoRA as one with that reward in process (tested). The client sends a
+request again when it gets no answer (refused, reset, timed out) or 429, 502, 503 or 504; any other status
+stops the run, and an answer over 4 MiB, of another length or not JSON is a one-line error naming the URL. The
+server scores one request at a time and answers a bad request with 400, a reward that raises with 500, each
+with {"error": one line}.
+
+What the trainer does with a server:
+  - Before any model loads, it sends each server one grey 64 px image with the first training prompt; a
+    server that does not answer, or answers wrongly, is named in one line.
+  - A server that stops answering during the run is retried after 1, 2, 4 ... 30 s for --reward-wait seconds
+    (300). Then the run saves its last complete epoch and stops with one line and the command that continues
+    it. An epoch whose training finished but whose evaluation could not be scored is saved with its metrics
+    row, which --resume completes with that evaluation first. The resumed run is the uninterrupted one, bit
+    for bit: the same LoRA, EMA and metrics rows (tested with the server killed while it scores an epoch's
+    samples and while it scores an evaluation, and by hand under torchrun).
+
+GenEval, OCR and judges. Run `reward.py serve` in the environment that has the model, with a plug-in returning
+one score per image: `python reward.py serve my_geneval.py:score --port 8001` (that environment needs torch,
+numpy, scipy, pillow, starlette and uvicorn). A GenEval server looks the prompt's checks up in GenEval's
+evaluation_metadata.jsonl by the prompt's text, since the protocol carries only the prompt. It returns the
+fraction of the checks that pass, or 1 or 0 for GenEval's strict score, and null for a prompt it has no checks
+for. A plug-in may return a dict, {"rewards": Tensor[B], "strict": Tensor[B]}, to send components. An OCR
+server returns 1 minus the edit distance between the text the prompt quotes and the text it reads, over the
+quote's length. A judge returns the number parsed from its answer, null when there is none.
+
+Security. Both sides parse JSON and PNG only: nothing received is unpickled or executed, unlike servers that
+exchange pickles, which let either side run code in the other. `reward.py serve` binds to 127.0.0.1 unless
+--host says otherwise. Anyone who reaches its port can use its GPU, so open it wider only on a network you
+trust, or reach it through `ssh -L 8000:127.0.0.1:8000 gpu2`.
+
+What serving costs the trainer (21.5 ms more per 512 px image on 2 CPU threads, half of it PNG encoding) is
+measured in bench/README.md, "Reward servers: cost".
 """
 import argparse
 import base64
@@ -446,7 +493,7 @@ def check_servers(spec: str, flag: str, prompt: str, wait: float):
             try:
                 server_reward(name, wait, retry=False)(torch.full((1, 3, 64, 64), 0.5), [prompt])
             except RewardServerError as err:
-                raise SystemExit(f"error: {flag} {err}; is the server running? (python reward.py serve SPEC "
+                raise SystemExit(f"error: {flag} {err}; is the server running? (python reward.py serve REWARD "
                                  f"--port PORT starts one)") from None
 
 
@@ -461,7 +508,7 @@ def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, device: str = "c
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    parse_spec(spec, "serve SPEC")  # its errors before any model loads
+    parse_spec(spec, "serve REWARD")  # its errors before any model loads
     fn, lock = load_reward(spec, device, dtype=getattr(torch, dtype)), threading.Lock()
 
     def work(images: Tensor, prompts: list[str]) -> dict:
@@ -500,7 +547,7 @@ def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, device: str = "c
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Serve a reward of reward.py over HTTP (JSON; see serve()).")
     parser.add_argument("command", choices=["serve"])
-    parser.add_argument("spec", help="a reward spec, as --reward takes it: name[:weight],... or path/file.py:fn")
+    parser.add_argument("spec", metavar="REWARD", help="a reward spec, as --reward takes it: name[:weight],... or path/file.py:fn")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines (read serve()'s note)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
