@@ -17,9 +17,9 @@ import tempflow_grpo as tg
 import tiny_world
 from bench import sd35m
 
-# SPEC section 1 and 5: the reference grid (T = 10, shift 3) and its noise-aware weights for k = 0..8.
-SPEC_GRID = [1.0000, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.2780, 0.0089, 0.0]
-SPEC_WEIGHTS = [1.577, 1.673, 1.208, 1.004, 0.882, 0.795, 0.719, 0.635, 0.508]
+# The reference grid (T = 10, shift 3; README, method 1) and its noise-aware weights for k = 0..8 (method 5).
+REFERENCE_GRID = [1.0000, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.2780, 0.0089, 0.0]
+REFERENCE_WEIGHTS = [1.577, 1.673, 1.208, 1.004, 0.882, 0.795, 0.719, 0.635, 0.508]
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +39,10 @@ def random_latents(batch, seed, shape=(4, 8, 8)):
 # ---------------------------------------------------------------- the grid and one step
 
 def test_grid_is_the_schedulers():
-    """The T-step grid comes from diffusers' scheduler: s_0 = 1 > ... > s_T = 0, SPEC's values for T = 10."""
+    """The T-step grid comes from diffusers' scheduler: s_0 = 1 > ... > s_T = 0, the reference values for T = 10."""
     sigmas = reference_grid()
     assert sigmas.shape == (11,)
-    assert torch.allclose(sigmas, torch.tensor(SPEC_GRID), atol=1e-4)
+    assert torch.allclose(sigmas, torch.tensor(REFERENCE_GRID), atol=1e-4)
     assert sigmas[0] == 1 and sigmas[-1] == 0 and (sigmas.diff() < 0).all()
 
 
@@ -193,10 +193,10 @@ def test_mixed_grid_indices_in_a_batch_match_one_index_at_a_time():
 
 # ---------------------------------------------------------------- noise-aware weighting
 
-def test_noise_aware_weights_match_the_spec_table_and_average_one():
-    """On the reference grid the weights are SPEC's table, mean exactly 1, largest early and smallest late."""
+def test_noise_aware_weights_match_the_reference_table_and_average_one():
+    """On the reference grid the weights are the reference table, mean exactly 1, largest early and smallest late."""
     weights = tg.noise_aware_weights(reference_grid(), 0.7, list(range(9)))
-    assert torch.allclose(weights, torch.tensor(SPEC_WEIGHTS), atol=1e-3)
+    assert torch.allclose(weights, torch.tensor(REFERENCE_WEIGHTS), atol=1e-3)
     assert weights.mean().item() == pytest.approx(1.0, abs=1e-6)
     assert weights.argmin() == 8 and weights[:2].min() > weights[2:].max()
 
@@ -412,8 +412,8 @@ def test_sde_rollout_records_every_branch_step_of_each_sample(pipe):
 
 @pytest.mark.parametrize("kind, sampler, finish", [("branch", "sde", 0), ("sde", "sde", 0), ("branch", "cps", 2),
                                                    ("branch", "sde", 1), ("sde", "cps", 0)])
-def test_rollout_costs_spec_formula_in_t_transformer_calls(pipe, kind, sampler, finish):
-    """Latents through the transformer equal SPEC's count (279 per seed for T = 10, B = 0..8, G = 6, times 2 for
+def test_rollout_costs_the_cost_formula_in_t_transformer_calls(pipe, kind, sampler, finish):
+    """Latents through the transformer equal the cost formula's count (279 per seed for T = 10, B = 0..8, G = 6, times 2 for
     CFG; with a finish of at most F steps, max(B) + 1 + G sum_k min(F, T - 1 - k)), in at most T calls when nothing
     is chunked, and in more calls, with the same count, under a small max_batch."""
     branches, steps, branch_steps = (6 if kind == "branch" else 0), 10, list(range(9))
@@ -465,7 +465,7 @@ def tree_rollout(pipe, steps=6, branch_steps=(0, 1, 2, 3, 4), split_steps=(0, 2)
 def test_a_tree_costs_its_formula_and_grows_by_its_splits(pipe, max_batch):
     """BranchGRPO's tree: before step i a root has f ** (splits before i) nodes, all of them in one batched call
     (more calls under a small max_batch, the same latents); after it f ** (splits up to i) nodes, each the end of
-    one recorded transition; its leaves are f ** |splits| images. The count matches the formula (SPEC's example:
+    one recorded transition; its leaves are f ** |splits| images. The count matches the formula (BranchGRPO's example:
     T = 10, splits 0, 3, 6, f = 2: 43 per root)."""
     assert tg.rollout_nfe("tree", 10, list(range(9)), 6, 4.5, 0, [0, 3, 6], 2) == 2 * 43
     latents, steps, splits = [], 6, (0, 2)
@@ -576,7 +576,7 @@ def test_global_std_divides_by_the_std_of_all_rewards_and_keeps_the_group_mean()
 
 
 def test_a_trunk_is_dropped_only_when_all_its_advantages_are_zero():
-    """SPEC 6: the zero-advantage images of a trunk with any signal still train; a trunk without any signal does
+    """The official rule (method 6): the zero-advantage images of a trunk with any signal still train; a trunk without any signal does
     not; --drop-zero-std drops every equal-reward group instead; a non-finite reward never trains."""
     # trunk 0: one group with a signal, one of equal rewards; trunk 1: two groups of equal rewards
     rewards = torch.tensor([0.2, 0.8, 0.5, 0.5, 0.3, 0.3, 0.9, 0.9, float("nan"), 0.4])
@@ -605,7 +605,7 @@ def tiny_batch(pipe, advantage, sampler="sde", kind="branch"):
 
 
 def test_lora_targets_the_official_joint_attention_projections_of_sd35_medium():
-    """SPEC 6: on SD3.5-medium's transformer (built on the meta device) the LoRA wraps the 191 joint-attention
+    """The official LoRA targets (method 6): on SD3.5-medium's transformer (built on the meta device) the LoRA wraps the 191 joint-attention
     projections, none of the dual-attention blocks' attn2, with 18.8 M parameters at rank 32."""
     transformer = sd35m.build_sd35m("meta").transformer
     params = tg.add_lora(transformer, rank=32)
@@ -615,7 +615,7 @@ def test_lora_targets_the_official_joint_attention_projections_of_sd35_medium():
 
 
 def test_t5_prompt_is_128_tokens_as_the_official_code_encodes():
-    """SPEC 9: the prompt embeddings hold the CLIP tokens and 128 T5 tokens, not the pipeline's default 256."""
+    """As the official code encodes them: the prompt embeddings hold the CLIP tokens and 128 T5 tokens, not the pipeline's default 256."""
     pipe = tiny_world.build_tiny_pipeline(seed=0)
     pipe.tokenizer_3.model_max_length = 512
     clip_tokens = pipe.tokenizer.model_max_length
@@ -623,7 +623,7 @@ def test_t5_prompt_is_128_tokens_as_the_official_code_encodes():
 
 
 def test_default_epoch_is_the_reference_batch(tmp_path):
-    """SPEC 6: by default an epoch is 48 prompts x 4 seeds: 10,368 trained transitions, 5,184 per optimizer step,
+    """The reference recipe: by default an epoch is 48 prompts x 4 seeds: 10,368 trained transitions, 5,184 per optimizer step,
     for TempFlow's branches and for Flow-GRPO's 48 groups of 24 alike."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("a\n")
@@ -634,7 +634,7 @@ def test_default_epoch_is_the_reference_batch(tmp_path):
 
 
 def test_ema_follows_the_official_decay_schedule():
-    """SPEC 6: the EMA moves at every 8th optimizer step n, to decay_n ema + (1 - decay_n) live with
+    """The official EMA: it moves at every 8th optimizer step n, to decay_n ema + (1 - decay_n) live with
     decay_n = min((1 + n) / (10 + n), 0.9), and stays put in between."""
     param = torch.nn.Parameter(torch.zeros(3))
     ema, expected = tg.make_ema([param]), torch.zeros(3)
@@ -1364,7 +1364,7 @@ def free_port() -> int:
 
 @contextmanager
 def reward_server(spec: str, port: int, **env):
-    """`python reward.py serve SPEC --port PORT` on 127.0.0.1, once it accepts connections; killed on leaving."""
+    """`python reward.py serve REWARD --port PORT` on 127.0.0.1, once it accepts connections; killed on leaving."""
     import os
     import socket
     import sys
@@ -1678,7 +1678,7 @@ def test_prompts_that_do_not_split_over_the_processes_fail_before_any_model_load
 # ---------------------------------------------------------------- SD3.5-medium with random weights (bench/sd35m.py)
 
 def test_sd35m_architecture_has_specs_shapes():
-    """SPEC 9 on the meta device: the transformer, VAE and text encoders have SD3.5-medium's configs, and the
+    """SD3.5-medium's architecture on the meta device: the transformer, VAE and text encoders have SD3.5-medium's configs, and the
     prompt is 77 CLIP + 128 T5 tokens of width 4096 with a 2048-wide pooled embedding."""
     pipe = sd35m.build_sd35m("meta")
     t = pipe.transformer.config
@@ -1743,7 +1743,7 @@ def test_gpu_script_dry_run_measures_every_cap_and_the_rollout(tmp_path):
     assert all(float(row[5]) > 0 for row in caps), caps  # train seconds: the epoch ran under every cap
     assert all(float(row[2].split("/")[-1]) > 0 for row in caps)  # bench/plan.py's prediction beside
     branch = next(row for row in rows if row[0].strip() == "branch")
-    assert branch[1] == branch[2]  # NFE counted == SPEC's formula
+    assert branch[1] == branch[2]  # NFE counted == the cost formula
 
 def test_the_plan_counts_a_small_model_as_by_hand():
     """bench/plan.py's meter, on the meta device under CUDA's autocast rules, gives a count by hand. A chain of N

@@ -12,7 +12,7 @@
 3. From those, the reference epoch's time (48 prompts: the epoch grows linearly with its prompts) and a 1000-epoch
    run's GPU-hours, all written to bench/results/gpu.md (rewritten after every step, so a run cut short still
    leaves what it measured).
-Speed and memory depend on shapes, not weights (SPEC 9), so the random models (bench/sd35m.py) measure the real
+Speed and memory depend on shapes, not weights, so the random models (bench/sd35m.py) measure the real
 ones' cost; the models are built on the GPU in seconds and handed to train() in place of --model.
 """
 import argparse

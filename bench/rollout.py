@@ -5,13 +5,13 @@
     python bench/rollout.py --arch sd35m --reduced --repeats 1   # its miniature: a dry run on a CPU
 
 For the reference setting (T = 10, B = 0..8, G = 6, S = 4 seeds of one prompt) it reports:
-  - transformer evaluations counted by a forward hook against SPEC's formula, for both rollouts;
+  - transformer evaluations counted by a forward hook against the cost formula, for both rollouts;
   - wall time per sample-NFE of the branching rollout against the SDE rollout (target: within 1.1x);
   - the wavefront-batched branching rollout against a one-branch-at-a-time loop over the same work (target: 5x);
   - peak memory of each (CUDA: max allocated; CPU: peak resident memory of a fresh process per variant, the
     model and libraries included);
   - seconds per epoch: the branching rollout plus one epoch of training on its transitions (no decoding or reward).
-Speed and memory depend on shapes, not weights, so sd35m builds SPEC section 9's transformer with random weights
+Speed and memory depend on shapes, not weights, so sd35m builds SD3.5-medium's transformer with random weights
 (bench/sd35m.py) and random prompt embeddings of the real shapes (77 CLIP + 128 T5 tokens).
 """
 import argparse
@@ -151,7 +151,7 @@ def main():
     command = " ".join(["python bench/rollout.py", *sys.argv[1:]])
     lines = [f"# Rollout benchmark: {arch}, {resolution} px, T = 10, B = 0..8, G = 6, S = {args.seeds}, one prompt",
              f"\nMeasured by `{command}` on {device}, torch {torch.__version__}.\n",
-             "| rollout | NFE counted | SPEC formula | seconds | ms per NFE | peak memory (MB) |",
+             "| rollout | NFE counted | formula | seconds | ms per NFE | peak memory (MB) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for v, r in results.items():
         lines.append(f"| {v} | {r['nfe']} | {formula.get(v, formula['branch'])} | {r['seconds']:.2f} | "

@@ -1,7 +1,7 @@
 """SD3.5-medium's architecture with random weights, and a PickScore-sized reward model, for GPU benchmarks.
 
 Speed and memory depend on shapes, not on weights, so a benchmark can run the project's own training code on
-the real classes and configs (SPEC section 9) without downloading anything:
+the real classes and configs without downloading anything:
 
     python bench/sd35m.py --out /tmp/sd35m --device cuda     # full size, on a GPU: 16 + 4 GB of files
     python bench/sd35m.py --out /tmp/sd35m-mini --reduced    # the same layout in miniature, on a CPU, in seconds
@@ -17,9 +17,8 @@ From Python, `build_sd35m(device, dtype)` returns the pipeline itself, and `buil
 reward model. Full size is only for a GPU: on a CPU the pipeline alone takes 15 GB of memory in bf16.
 
 What is real and what is not:
-  - every config below is the released one (checked against copies of the published configs; SPEC 9 agrees on
-    every value, but its "about 4.7B" for the text encoders is T5-XXL's alone), except the special-token ids,
-    which are those of the tokenizers;
+  - every config below is the released one (checked against copies of the published configs), except the
+    special-token ids, which are those of the tokenizers;
   - the tokenizers are the project's tiny-vocabulary ones (tiny_world.TINY_WORDS) at the real lengths, 77 CLIP
     and 128 T5 tokens (the official code's max_sequence_length), while the text encoders keep their real vocabulary
     sizes, so that their embedding tables weigh what the real ones weigh;
