@@ -434,8 +434,8 @@ def rollout(velocity_fn, noise: Tensor, sigmas: Tensor, kind: str, branch_steps:
     children y_{k,g} ~ N(mean_k, std_k^2) by sde_step's sampler, each finished by the ODE over finish_grid(k, T,
     finish_steps). Trunks stop after the last branch step.
     kind "sde", Flow-GRPO (method 7): each row takes the stochastic step at the branch steps, the ODE elsewhere.
-    kind "tree", BranchGRPO (arXiv 2509.06040; method 8): as "sde", but at each of split_steps every row forks split_factor
-    children, SDE samples from its one velocity; the rows are a tree's nodes, the last ones its leaves.
+    kind "tree", BranchGRPO (method 8): as "sde", but at each of split_steps every row forks split_factor children,
+    SDE samples from its one velocity; the rows are a tree's nodes, the last ones its leaves.
     All live rows sit at one grid index (a branch finishing coarsely skips the indices off its path), so the
     rollout is at most T calls of velocity_fn."""
     steps = len(sigmas) - 1
@@ -994,9 +994,9 @@ def epoch_size(args: Args, branch_steps: list[int]) -> dict:
                                     args.finish_steps, splits, factor)
     # training: the policy's forward and, with beta > 0, the base model's, CFG's halves counted
     per_transition = cfg_copies(args.guidance) * (2 if args.beta > 0 else 1)
-    return dict(trunks=trunks, images=images, transitions=transitions, per_step=math.ceil(transitions /
-                args.optimizer_steps), rollout_nfe=sampling, train_nfe=transitions * per_transition,
-                per_transition=per_transition)
+    return dict(trunks=trunks, images=images, transitions=transitions,
+                per_step=math.ceil(transitions / args.optimizer_steps), rollout_nfe=sampling,
+                train_nfe=transitions * per_transition, per_transition=per_transition)
 
 
 def step_weights(args: Args, sigmas: Tensor, branch_steps: list[int]) -> Tensor:
