@@ -199,9 +199,9 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute the transformer's activations in backward: less memory, about a third more time"""
     offload_text_encoders: bool = False
-    """keep the text encoders on the CPU but while they encode prompts (T5-XXL alone is 9.4 GB in bf16)"""
+    """keep the text encoders on the CPU except while they encode prompts (T5-XXL alone is 9.4 GB in bf16)"""
     offload_reward: bool = False
-    """keep the reward model on the CPU but while it scores"""
+    """keep the reward model on the CPU except while it scores"""
     reward_dtype: str = "float32"
     """dtype of a model-based reward (pickscore, clipscore): float32 or bfloat16 (half its memory)"""
 
