@@ -9,13 +9,12 @@ A reward is `fn(images, prompts) -> Tensor[B]`, images a float tensor [B, 3, H, 
     color                     offline: how close the pixels are to the colour the prompt names
     geneval_toy               offline: GenEval-style checks of colour, count, shape, position; the --tiny default
 
-    http://HOST:PORT/PATH     a reward server (https too), speaking the JSON protocol of serve() below
+    http://HOST:PORT/PATH     a reward server (https too), speaking the JSON protocol below
 
 and returns a function giving {"reward": the weighted sum, each component's name: its score}, all Tensor[B].
-A model that is not on disk is looked up on the hub (MODELS: PickScore is yuvalkirstain/PickScore_v1 with the
-processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K, CLIPScore openai/clip-vit-large-patch14); offline, point at
-local copies with the environment variables PICKSCORE_MODEL, PICKSCORE_PROCESSOR and CLIPSCORE_MODEL, and set
-HF_HUB_OFFLINE=1 too, or the hub client retries for a minute before giving up.
+A model that is not on disk is looked up on the hub (MODELS names the ids); offline, point at local copies with
+the environment variables PICKSCORE_MODEL, PICKSCORE_PROCESSOR and CLIPSCORE_MODEL, and set HF_HUB_OFFLINE=1 too,
+or the hub client retries for a minute before giving up.
 
 `python reward.py serve REWARD --port P` serves any of these rewards over HTTP, so that a reward model can run in
 another environment, on another GPU or on another machine; --reward and --eval-reward of tempflow_grpo.py take
@@ -498,10 +497,8 @@ def check_servers(spec: str, flag: str, prompt: str, wait: float):
 
 
 def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", dtype: str = "float32"):
-    """Serve the rewards of `spec` over the protocol above, at any path, until Ctrl-C. One request is scored at a
-    time. A bad request gets HTTP 400, a reward that raises 500, each with {"error": one line}. It binds to `host`:
-    127.0.0.1 serves this machine only; anyone who can reach the port can have images scored, so open it wider
-    only on a network you trust."""
+    """Serve the rewards of `spec` at `host`:`port` until Ctrl-C, as this file's docstring says ("Reward servers:
+    the protocol" and "Security")."""
     import uvicorn
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
@@ -545,11 +542,12 @@ def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, device: str = "c
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Serve a reward of reward.py over HTTP (JSON; see serve()).")
+    parser = argparse.ArgumentParser(description="Serve a reward of reward.py over HTTP (protocol: its docstring).")
     parser.add_argument("command", choices=["serve"])
-    parser.add_argument("spec", metavar="REWARD", help="a reward spec, as --reward takes it: name[:weight],... or path/file.py:fn")
+    parser.add_argument("spec", metavar="REWARD",
+                        help="a reward spec, as --reward takes it: name[:weight],... or path/file.py:fn")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines (read serve()'s note)")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve others (see Security in the docstring)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     cli = parser.parse_args()
