@@ -413,9 +413,9 @@ def test_sde_rollout_records_every_branch_step_of_each_sample(pipe):
 @pytest.mark.parametrize("kind, sampler, finish", [("branch", "sde", 0), ("sde", "sde", 0), ("branch", "cps", 2),
                                                    ("branch", "sde", 1), ("sde", "cps", 0)])
 def test_rollout_costs_the_cost_formula_in_t_transformer_calls(pipe, kind, sampler, finish):
-    """Latents through the transformer equal the cost formula's count (279 per seed for T = 10, B = 0..8, G = 6, times 2 for
-    CFG; with a finish of at most F steps, max(B) + 1 + G sum_k min(F, T - 1 - k)), in at most T calls when nothing
-    is chunked, and in more calls, with the same count, under a small max_batch."""
+    """Latents through the transformer equal the cost formula's count (279 per seed for T = 10, B = 0..8, G = 6,
+    times 2 for CFG; with a finish of at most F steps, max(B) + 1 + G sum_k min(F, T - 1 - k)), in at most T calls
+    when nothing is chunked, and in more calls, with the same count, under a small max_batch."""
     branches, steps, branch_steps = (6 if kind == "branch" else 0), 10, list(range(9))
     formula = tg.rollout_nfe(kind, steps, branch_steps, 6, 4.5, finish)
     by_hand = {0: 279, 1: 9 + 6 * 9, 2: 9 + 6 * (2 * 8 + 1)}[finish]
@@ -576,8 +576,9 @@ def test_global_std_divides_by_the_std_of_all_rewards_and_keeps_the_group_mean()
 
 
 def test_a_trunk_is_dropped_only_when_all_its_advantages_are_zero():
-    """The official rule (method 6): the zero-advantage images of a trunk with any signal still train; a trunk without any signal does
-    not; --drop-zero-std drops every equal-reward group instead; a non-finite reward never trains."""
+    """The official rule (method 6): the zero-advantage images of a trunk with any signal still train; a trunk
+    without any signal does not; --drop-zero-std drops every equal-reward group instead; a non-finite reward never
+    trains."""
     # trunk 0: one group with a signal, one of equal rewards; trunk 1: two groups of equal rewards
     rewards = torch.tensor([0.2, 0.8, 0.5, 0.5, 0.3, 0.3, 0.9, 0.9, float("nan"), 0.4])
     groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
@@ -605,8 +606,9 @@ def tiny_batch(pipe, advantage, sampler="sde", kind="branch"):
 
 
 def test_lora_targets_the_official_joint_attention_projections_of_sd35_medium():
-    """The official LoRA targets (method 6): on SD3.5-medium's transformer (built on the meta device) the LoRA wraps the 191 joint-attention
-    projections, none of the dual-attention blocks' attn2, with 18.8 M parameters at rank 32."""
+    """The official LoRA targets (method 6): on SD3.5-medium's transformer (built on the meta device) the LoRA wraps
+    the 191 joint-attention projections, none of the dual-attention blocks' attn2, with 18.8 M parameters at rank
+    32."""
     transformer = sd35m.build_sd35m("meta").transformer
     params = tg.add_lora(transformer, rank=32)
     wrapped = [name for name, module in transformer.named_modules() if hasattr(module, "lora_A")]
@@ -615,7 +617,8 @@ def test_lora_targets_the_official_joint_attention_projections_of_sd35_medium():
 
 
 def test_t5_prompt_is_128_tokens_as_the_official_code_encodes():
-    """As the official code encodes them: the prompt embeddings hold the CLIP tokens and 128 T5 tokens, not the pipeline's default 256."""
+    """As the official code encodes them, the prompt embeddings hold the CLIP tokens and 128 T5 tokens, not the
+    pipeline's default 256."""
     pipe = tiny_world.build_tiny_pipeline(seed=0)
     pipe.tokenizer_3.model_max_length = 512
     clip_tokens = pipe.tokenizer.model_max_length
@@ -623,8 +626,8 @@ def test_t5_prompt_is_128_tokens_as_the_official_code_encodes():
 
 
 def test_default_epoch_is_the_reference_batch(tmp_path):
-    """The reference recipe: by default an epoch is 48 prompts x 4 seeds: 10,368 trained transitions, 5,184 per optimizer step,
-    for TempFlow's branches and for Flow-GRPO's 48 groups of 24 alike."""
+    """The reference recipe: by default an epoch is 48 prompts x 4 seeds: 10,368 trained transitions, 5,184 per
+    optimizer step, for TempFlow's branches and for Flow-GRPO's 48 groups of 24 alike."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("a\n")
     for method in ("tempflow", "flow_grpo"):
@@ -1677,9 +1680,9 @@ def test_prompts_that_do_not_split_over_the_processes_fail_before_any_model_load
 
 # ---------------------------------------------------------------- SD3.5-medium with random weights (bench/sd35m.py)
 
-def test_sd35m_architecture_has_specs_shapes():
-    """SD3.5-medium's architecture on the meta device: the transformer, VAE and text encoders have SD3.5-medium's configs, and the
-    prompt is 77 CLIP + 128 T5 tokens of width 4096 with a 2048-wide pooled embedding."""
+def test_sd35m_architecture_has_sd35_mediums_shapes():
+    """On the meta device, the transformer, VAE and text encoders have SD3.5-medium's configs, and the prompt is 77
+    CLIP + 128 T5 tokens of width 4096 with a 2048-wide pooled embedding."""
     pipe = sd35m.build_sd35m("meta")
     t = pipe.transformer.config
     assert (t.sample_size, t.patch_size, t.in_channels, t.out_channels, t.num_layers, t.attention_head_dim,
