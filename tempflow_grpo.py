@@ -255,7 +255,7 @@ def transition_std(sigmas: Tensor, i: Tensor, noise_level: float, sampler: str =
     # sigma_i = a sqrt(s_i / (1 - s_i)) (Flow-GRPO, after Eq. 9); at s_i = 1 the denominator uses s_1, to stay finite
     sigma = noise_level * torch.sqrt(s / (1 - torch.where(s == 1, sigmas[1], s)))
     # std_i = sigma_i sqrt(-dt_i), where -dt_i = s_i - s_{i+1} > 0
-    return sigma, sigma * torch.sqrt(sigmas[i] - sigmas[i + 1])
+    return sigma, sigma * torch.sqrt(s - sigmas[i + 1])
 
 
 def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, noise_level: float, prev_sample: Tensor | None = None,
@@ -1289,10 +1289,9 @@ def log(row: dict, path: Path):
     """One fixed-format line per epoch, and the same numbers in metrics.jsonl."""
     evaluation = f" | base eval {row['base_eval_reward']:.3f}" if "base_eval_reward" in row else ""
     evaluation += f" | eval {row['eval_reward']:.3f}" if "eval_reward" in row else ""
-    tqdm.write(f"epoch {row['epoch']} | reward {row['reward_mean']:.3f} +- {row['reward_std']:.3f}{evaluation} | "
-               f"loss {row.get('loss', 0):.3g} | kl {row.get('kl', 0):.2e} | clipfrac {row.get('clipfrac', 0):.2f} | "
-               f"zero-std {row['zero_std_frac']:.2f} | nfe {row['nfe']} | {row['wall_s']:.0f} s")
-    sys.stdout.flush()
+    print0(f"epoch {row['epoch']} | reward {row['reward_mean']:.3f} +- {row['reward_std']:.3f}{evaluation} | "
+           f"loss {row.get('loss', 0):.3g} | kl {row.get('kl', 0):.2e} | clipfrac {row.get('clipfrac', 0):.2f} | "
+           f"zero-std {row['zero_std_frac']:.2f} | nfe {row['nfe']} | {row['wall_s']:.0f} s")
     # strict JSON has no NaN or Infinity: a non-finite number is written as null
     row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
     with path.open("a") as f:
@@ -1714,13 +1713,14 @@ def base_evaluation(run: Run, args: Args) -> dict:
     return {"base_" + k: v for k, v in base.items()}
 
 
-def save_samples(run: Run, args: Args, epoch: int, samples: tuple | None, last: bool) -> bool:
+def save_samples(run: Run, args: Args, epoch: int, samples: tuple | None, last: bool) -> Path | None:
     """The grid of the epoch's samples (images, captions) every --image-every epochs and at the end, from the first
-    process; whether it was written."""
-    due = samples is not None and ((epoch + 1) % args.image_every == 0 or last) and rank_and_world()[0] == 0
-    if due:
-        save_grid(*samples, run.out / "images" / f"{epoch:06d}.png")
-    return due
+    process; its path, or None when none is due."""
+    path = run.out / "images" / f"{epoch:06d}.png"
+    if samples is None or not ((epoch + 1) % args.image_every == 0 or last) or rank_and_world()[0] != 0:
+        return None
+    save_grid(*samples, path)
+    return path
 
 
 def publish(run: Run, args: Args, row: dict, samples: tuple | None, last: bool):
@@ -1730,8 +1730,8 @@ def publish(run: Run, args: Args, row: dict, samples: tuple | None, last: bool):
         return
     epoch, grids = row["epoch"], {}
     log(row, run.out / "metrics.jsonl")
-    if save_samples(run, args, epoch, samples, last):
-        grids["samples"] = run.out / "images" / f"{epoch:06d}.png"
+    if path := save_samples(run, args, epoch, samples, last):
+        grids["samples"] = path
     if "base_eval_reward" in row:
         grids["eval_base"] = run.out / "images" / "eval_base.png"
     if "eval_reward" in row:
