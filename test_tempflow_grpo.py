@@ -434,15 +434,19 @@ def test_rollout_costs_the_cost_formula_in_t_transformer_calls(pipe, kind, sampl
 
 
 def test_finish_steps_change_only_how_branches_end(pipe):
-    """--finish-steps F: trunks, branch states, SDE samples and log-probs are those of the full finish, bit for bit
-    (the same draws in the same order), F = 0 and an F past every branch's remaining steps are the full finish
-    itself, and a branch born at k ends by Euler steps over the grid points F + 1 spread evenly over k+1..T."""
+    """--finish-steps F: trunks, branch states, SDE samples and log-probs are those of the full finish (the same
+    draws in the same order; to float32 round-off, as the trunks share their transformer calls with fewer branches,
+    which some CPUs' kernels sum in another order), F = 0 and an F past every branch's remaining steps are the full
+    finish itself, bit for bit, and a branch born at k ends by Euler steps over the grid points F + 1 spread evenly
+    over k+1..T."""
     full, embeds, sigmas = tiny_rollout(pipe, branches=2, steps=8, branch_steps=(0, 3, 5))
     for finish in (0, 7):
         same = tiny_rollout(pipe, branches=2, steps=8, branch_steps=(0, 3, 5), finish_steps=finish)[0]
         assert all(torch.equal(a, b) for a, b in zip(full, same))
     coarse = tiny_rollout(pipe, branches=2, steps=8, branch_steps=(0, 3, 5), finish_steps=2)[0]
-    assert all(torch.equal(getattr(full, f), getattr(coarse, f)) for f in ("x", "y", "log_prob", "step", "image"))
+    assert torch.equal(full.step, coarse.step) and torch.equal(full.image, coarse.image)
+    for f in ("x", "y", "log_prob"):
+        torch.testing.assert_close(getattr(coarse, f), getattr(full, f), rtol=1e-5, atol=1e-5)
     assert tg.finish_grid(0, 8, 2) == [1, 4, 8] and tg.finish_grid(3, 8, 2) == [4, 6, 8]  # 1, 4.5, 8: to even
     assert tg.finish_grid(5, 8, 2) == [6, 7, 8] and tg.finish_grid(5, 8, 0) == [6, 7, 8]  # 2 steps left: all of them
     for row in ((coarse.step == 3) & (coarse.image_noise[coarse.image] == 1)).nonzero().flatten()[:1].tolist():
