@@ -193,7 +193,7 @@ class Args:
     """most latents in one no-grad transformer call (rollout, evaluation) and one VAE decode, CFG's halves counted"""
     train_batch: int = 8
     """most latents in one training forward and backward, CFG's halves counted; gradients accumulate over them,
-    and 8 fits an 80 GB card by bench/plan.py's prediction (not yet measured on one)"""
+    and 8 fits an 80 GB card (37.6 GiB measured on an H200, bench/README.md)"""
     rollout_prompts: int = 4
     """prompts sampled, decoded and scored together: GPU memory grows with this, not with --prompts-per-epoch"""
     gradient_checkpointing: bool = False
@@ -204,6 +204,10 @@ class Args:
     """keep the reward model on the CPU except while it scores"""
     reward_dtype: str = "float32"
     """dtype of a model-based reward (pickscore, clipscore): float32 or bfloat16 (half its memory)"""
+    compile: str = "auto"
+    """on: torch.compile the transformer's blocks, which the rollout, evaluation, training and the KL's reference
+    all run; every call is padded to --max-batch or --train-batch latents, so that all compiling happens once, at
+    the start (its seconds apart from the epochs'). off: eager. auto: on where the transformer is on CUDA"""
 
     # ---- long runs: checkpoints, evaluation, images
     resume: bool = False
@@ -325,10 +329,20 @@ def cfg_copies(guidance: float) -> int:
     return 2 if guidance > 1 else 1
 
 
-def cfg_velocity(transformer, x: Tensor, sigma: Tensor, prompts: PromptEmbeds, guidance: float) -> Tensor:
+def rows_per_call(latents: int, guidance: float) -> int:
+    """Rows (initial noises or transitions) in one transformer call of at most `latents` latents."""
+    return max(1, latents // cfg_copies(guidance))
+
+
+def cfg_velocity(transformer, x: Tensor, sigma: Tensor, prompts: PromptEmbeds, guidance: float, pad_to: int = 0
+                 ) -> Tensor:
     """The policy's velocity with classifier-free guidance for latents x [N, C, H, W] at noise levels sigma [N];
-    prompts holds N rows. One transformer call of cfg_copies(guidance) * N latents."""
-    copies = cfg_copies(guidance)
+    prompts holds N rows. One transformer call of cfg_copies(guidance) * max(N, pad_to) latents: with pad_to, the
+    last row is repeated up to pad_to rows (a compiled transformer's one shape) and their velocities dropped."""
+    n, copies = len(x), cfg_copies(guidance)
+    if n < pad_to:
+        pad = torch.arange(pad_to, device=x.device).clamp(max=n - 1)
+        x, sigma, prompts = x[pad], sigma[pad], prompts.take(pad)
     # the empty prompt first, as in the pipeline ([-copies:] keeps the prompt alone without CFG);
     # the transformer's timestep is 1000 t (method 1)
     v = transformer(hidden_states=x.repeat(copies, 1, 1, 1).to(transformer.dtype),
@@ -336,10 +350,10 @@ def cfg_velocity(transformer, x: Tensor, sigma: Tensor, prompts: PromptEmbeds, g
                     pooled_projections=torch.cat([prompts.neg_pooled, prompts.pooled][-copies:]),
                     timestep=1000 * sigma.repeat(copies), return_dict=False)[0]
     if copies == 1:
-        return v
+        return v[:n]
     v_uncond, v_cond = v.chunk(2)
     # v = v_u + g (v_c - v_u)
-    return v_uncond + guidance * (v_cond - v_uncond)
+    return (v_uncond + guidance * (v_cond - v_uncond))[:n]
 
 
 # =====================================================================================================
@@ -388,16 +402,17 @@ def finish_hops(steps: int, branch_steps: list[int], finish_steps: int = 0) -> T
 # =====================================================================================================
 
 
-def sd3_velocity(transformer, prompts: PromptEmbeds, guidance: float, max_batch: int = 1 << 30):
+def sd3_velocity(transformer, prompts: PromptEmbeds, guidance: float, max_batch: int = 1 << 30, pad: bool = False):
     """SD3's velocity_fn for rollout() and ode_rollout(): fn(x [n, C, H, W], sigma [n], rows [n]) -> v, the
-    cfg_velocity of latent j under prompt rows[j], in chunks of at most max_batch latents per transformer call;
-    each chunk gathers its own prompt rows (SD3.5's are 1.7 MB each in bf16). Another model's velocity with the
-    same signature serves the rollouts unchanged."""
-    per_call = max(1, max_batch // cfg_copies(guidance))
+    cfg_velocity of latent j under prompt rows[j], in chunks of at most max_batch latents per transformer call
+    (with pad, each of exactly max_batch: a compiled transformer's one shape); each chunk gathers its own prompt
+    rows (SD3.5's are 1.7 MB each in bf16). Another model's velocity with the same signature serves the rollouts
+    unchanged."""
+    per_call = rows_per_call(max_batch, guidance)
 
     def velocity_fn(x: Tensor, sigma: Tensor, rows: Tensor) -> Tensor:
         return torch.cat([cfg_velocity(transformer, x[j:j + per_call], sigma[j:j + per_call],
-                                       prompts.take(rows[j:j + per_call]), guidance)
+                                       prompts.take(rows[j:j + per_call]), guidance, per_call if pad else 0)
                           for j in range(0, len(x), per_call)])
     return velocity_fn
 
@@ -745,13 +760,13 @@ def decode_latents(pipe, latents: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def ode_images(pipe, prompts: PromptEmbeds, noise: Tensor, steps: int, guidance: float, max_batch: int = 1 << 30
-               ) -> Tensor:
+def ode_images(pipe, prompts: PromptEmbeds, noise: Tensor, steps: int, guidance: float, max_batch: int = 1 << 30,
+               pad: bool = False) -> Tensor:
     """One ODE sample per prompt (embeddings of N prompts) from its initial noise [N, C, H, W], decoded: images
-    [N, 3, H, W] in [0, 1]."""
+    [N, 3, H, W] in [0, 1]. pad: as sd3_velocity's."""
     device = pipe.transformer.device
     with autocast(pipe.transformer):
-        latents = ode_rollout(sd3_velocity(pipe.transformer, prompts, guidance, max_batch), noise.to(device),
+        latents = ode_rollout(sd3_velocity(pipe.transformer, prompts, guidance, max_batch, pad), noise.to(device),
                               sigma_grid(pipe.scheduler, steps))
         return torch.cat([decode_latents(pipe, z) for z in latents.split(max_batch)])
 
@@ -810,6 +825,38 @@ def lora_disabled(transformer):
         yield
     finally:
         transformer.enable_adapters()
+
+
+def compile_transformer(transformer, warm_up, backend: str = "inductor") -> float | None:
+    """torch.compile each of the transformer's blocks in place (regional compilation: the blocks of one kind share
+    their graphs, and the weights keep their names), then run warm_up(), the run's calls at each of their fixed
+    shapes, so that all compiling happens here. Returns its seconds; None where compiling failed (a torch or peft
+    that cannot): the blocks are eager again and one line names the error, for an optimisation never ends a run."""
+    start = time.perf_counter()
+    try:
+        # a graph per kind of block (dual attention, plain, last), call shape and mode: more than dynamo's 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for block in transformer.transformer_blocks:
+            block.compile(backend=backend, dynamic=False)
+        warm_up()
+    except torch.cuda.OutOfMemoryError:
+        raise  # the run's own calls would not fit either: memory_advice's line, not a warning
+    except Exception as err:
+        eager(transformer)
+        err = getattr(err, "inner_exception", None) or err  # what a backend raised, inside dynamo's wrapper
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        print0(f"warning: --compile failed ({type(err).__name__}: {reason}); the run goes on eager")
+        return None
+    finally:
+        transformer.zero_grad(set_to_none=True)  # the warm-up's backward leaves nothing behind
+    return time.perf_counter() - start
+
+
+def eager(transformer):
+    """Undo compile_transformer: the blocks' calls are eager again."""
+    for block in transformer.transformer_blocks:
+        block._compiled_call_impl = None  # what nn.Module.compile set
+    torch._dynamo.reset()
 
 
 def save_lora(pipe, folder: Path):
@@ -1079,9 +1126,9 @@ def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, caption
     `shown` [>= M] marks for the grid."""
     device = pipe.transformer.device
     with timer("sample_s"), autocast(pipe.transformer):
-        out = rollout(sd3_velocity(pipe.transformer, prompts, args.guidance, args.max_batch), noise.to(device),
-                      sigmas, args.rollout, branch_steps, args.noise_level, gen, args.branches, args.sampler,
-                      args.finish_steps, *tree_shape(args))
+        velocity_fn = sd3_velocity(pipe.transformer, prompts, args.guidance, args.max_batch, args.compile == "on")
+        out = rollout(velocity_fn, noise.to(device), sigmas, args.rollout, branch_steps, args.noise_level, gen,
+                      args.branches, args.sampler, args.finish_steps, *tree_shape(args))
     image_captions = [captions[n] for n in out.image_noise.tolist()]
     scores, kept = [], []
     with timer("score_s"), autocast(pipe.transformer), placed(reward_fn.models, device, args.offload_reward):
@@ -1183,13 +1230,14 @@ def transition_loss(transformer, batch: Batch, rows: Tensor, embeds: PromptEmbed
     device = transformer.device  # the transitions wait on the CPU; a micro-batch comes over to be trained
     x, y, k = batch.x[rows].to(device), batch.y[rows].to(device), batch.step[rows].to(device)
     prompts, sigma = embeds.take(batch.prompt[rows].to(device)), sigmas.to(device)[k]
+    pad_to = rows_per_call(args.train_batch, args.guidance) if args.compile == "on" else 0  # a compiled shape
     with autocast(transformer):
-        v = cfg_velocity(transformer, x, sigma, prompts, args.guidance)
+        v = cfg_velocity(transformer, x, sigma, prompts, args.guidance, pad_to)
     _, log_prob, mean, std = sde_step(x, v, sigmas, k, args.noise_level, prev_sample=y, sampler=args.sampler)
     ref_mean = mean.detach()
     if args.beta > 0:
         with torch.no_grad(), lora_disabled(transformer), autocast(transformer):
-            v_ref = cfg_velocity(transformer, x, sigma, prompts, args.guidance)
+            v_ref = cfg_velocity(transformer, x, sigma, prompts, args.guidance, pad_to)
         ref_mean = sde_step(x, v_ref, sigmas, k, args.noise_level, prev_sample=y, sampler=args.sampler)[2]
     return grpo_loss(log_prob, batch.log_prob[rows].to(device), batch.advantage[rows].to(device),
                      step_weight.to(device)[k], mean, ref_mean, std, args.clip_range, args.beta)
@@ -1202,7 +1250,7 @@ def update(transformer, params, optimizer, batch: Batch, embeds: PromptEmbeds, s
     torchrun, however unevenly the zero-advantage rule left them. A step whose loss or gradient is not finite is
     skipped, counted and warned about: it never reaches the weights. After each step the EMA, if any, sees the
     run's optimizer step count (steps_before before this epoch). Returns the epoch's mean statistics."""
-    per_call = max(1, args.train_batch // cfg_copies(args.guidance))
+    per_call = rows_per_call(args.train_batch, args.guidance)
     order = torch.randperm(len(batch.x), generator=gen, device=gen.device).to(batch.x.device)
     totals = dict(skipped_updates=0)
     bar = progress(total=len(order), desc="train", unit="transition", leave=False)
@@ -1244,7 +1292,7 @@ def evaluate(pipe, prompts: list[str], reward_fn, args: Args, grid: Path, shown:
     the same on any device), so that evaluations of one run, and of runs with one seed, are comparable. The prompts
     are encoded once, then go in chunks of one transformer call; the first `shown` samples go to a PNG grid. A
     reward server's failure in any process raises RewardServerError in every process."""
-    device, per_call = pipe.transformer.device, max(1, args.max_batch // cfg_copies(args.guidance))
+    device, per_call = pipe.transformer.device, rows_per_call(args.max_batch, args.guidance)
     noise = initial_noise(pipe, len(prompts), args.resolution, torch.Generator().manual_seed(args.seed))
     chunks = [prompts[j:j + per_call] for j in range(0, len(prompts), per_call)]
     with placed(text_encoders(pipe), device, args.offload_text_encoders):  # all at once: the encoders come once
@@ -1252,7 +1300,7 @@ def evaluate(pipe, prompts: list[str], reward_fn, args: Args, grid: Path, shown:
     scores, images, failure = [], [], None
     for chunk, chunk_embeds, chunk_noise in zip(chunks, embeds, noise.split(per_call)):
         chunk_images = ode_images(pipe, chunk_embeds.to(device), chunk_noise, args.eval_steps, args.guidance,
-                                  args.max_batch)
+                                  args.max_batch, args.compile == "on")
         try:
             with placed(reward_fn.models, device, args.offload_reward):
                 scores.append(reward_fn(chunk_images, chunk))
@@ -1414,10 +1462,11 @@ RESUMABLE = {"out", "resume", "epochs", "save_every", "eval_every", "image_every
              "max_nfe", "wandb", "eval_reward", "reward_wait"}
 
 
-# ... and the memory levers: they change the order of floating-point sums and of the chunks' noise draws, not what
-# training computes, so the run goes on, though not bit-identically to an uninterrupted one
+# ... and the memory levers and --compile: they change the order of floating-point sums (compiled kernels round
+# differently) and of the chunks' noise draws, not what training computes, so the run goes on, though not
+# bit-identically to an uninterrupted one
 MEMORY_LEVERS = {"max_batch", "train_batch", "rollout_prompts", "gradient_checkpointing", "offload_text_encoders",
-                 "offload_reward", "reward_dtype"}
+                 "offload_reward", "reward_dtype", "compile"}
 
 
 def last_checkpoint(out: Path) -> Path | None:
@@ -1440,8 +1489,9 @@ def check_out(args: Args, config: dict) -> str | None:
         check(not args.resume, f"--resume: --out {args.out} holds no run to resume (no config.json); check the "
               f"path, or leave out --resume to start a new run")
         return None
-    old, default = json.loads(saved.read_text()), defaults()
-    # a setting that did not exist when the run began had its default; runs older than the digest compare paths
+    old, default = json.loads(saved.read_text()), defaults() | {"compile": "off"}
+    # a setting that did not exist when the run began had its default (runs before --compile ran eager); runs
+    # older than the digest compare paths
     before = {k: old.get(k, default.get(k)) for k in config}
     ignored = RESUMABLE | MEMORY_LEVERS | ({"prompt_file"} if "prompts_sha256" in old else {"prompts_sha256"})
     flag = lambda k: "the prompts" if k == "prompts_sha256" else "--" + k.replace("_", "-")  # noqa: E731
@@ -1554,19 +1604,19 @@ class StopOnSignal:
 
 
 @contextmanager
-def memory_advice(args: Args, epoch: int):
+def memory_advice(args: Args, where: str):
     """CUDA out of memory ends the run with one line naming the memory levers that a resume may change."""
     try:
         yield
     except torch.cuda.OutOfMemoryError:
-        raise SystemExit(f"error: CUDA out of memory in epoch {epoch}: lower --max-batch (now {args.max_batch}) "
+        raise SystemExit(f"error: CUDA out of memory {where}: lower --max-batch (now {args.max_batch}) "
                          f"or --train-batch (now {args.train_batch}), or add --gradient-checkpointing, "
                          f"--offload-text-encoders, --offload-reward; then --resume") from None
 
 
 def resume_command(args: Args, world: int) -> str:
     """The command line that continues this run: its settings that differ from their defaults, and --resume."""
-    default = defaults(args.tiny) | METHODS[args.method]
+    default = defaults(args.tiny) | METHODS[args.method] | {"compile": auto_compile()}
     words = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", str(world)]
     words.append(os.path.relpath(__file__))
     for f in fields(Args):
@@ -1644,6 +1694,43 @@ def setup(args: Args, device: torch.device) -> tuple:
     return pipe, params, optimizer, make_ema(params, args.ema), reward_fn, eval_fn
 
 
+def compiled(pipe, args: Args, prompt: str) -> tuple[Args, float | None]:
+    """With --compile on: compile_transformer, warmed up at the run's three call shapes (a no-grad chunk of
+    --max-batch latents, as the rollout and evaluation make; a training micro-batch of --train-batch, forward and
+    backward; with beta > 0 its reference, adapter off), in every process or in none. Returns the settings
+    (--compile off where compiling failed) and its seconds."""
+    if args.compile != "on":
+        return args, None
+    transformer, device = pipe.transformer, pipe.transformer.device
+    with placed(text_encoders(pipe), device, args.offload_text_encoders):
+        embeds = encode_prompts(pipe, [prompt])
+    gen = torch.Generator().manual_seed(0)  # its own: the run draws the same noise compiled or not
+
+    def call(latents: int) -> Tensor:
+        rows = rows_per_call(latents, args.guidance)
+        x, sigma = initial_noise(pipe, rows, args.resolution, gen), torch.rand(rows, generator=gen)
+        with autocast(transformer):
+            return cfg_velocity(transformer, x.to(device), sigma.to(device),
+                                embeds.take(torch.zeros(rows, dtype=torch.long, device=device)), args.guidance)
+
+    def warm_up():
+        with torch.no_grad():
+            call(args.max_batch)
+            if args.beta > 0:
+                with lora_disabled(transformer):
+                    call(args.train_batch)
+        call(args.train_batch).float().mean().backward()
+
+    print0(f"--compile: compiling the transformer's {len(transformer.transformer_blocks)} blocks for the run's "
+           f"call shapes, once")
+    seconds = compile_transformer(transformer, warm_up)
+    if all_sum(seconds is None):  # one process that could not makes all eager: their numbers round alike
+        eager(transformer)
+        return replace(args, compile="off"), None
+    print0(f"--compile: compiled in {seconds:.0f} s (not counted in the epochs' seconds)")
+    return args, seconds
+
+
 class Run(NamedTuple):
     """What every epoch of a run works with, set up once by start()."""
     pipe: object                 # the StableDiffusion3Pipeline, a LoRA on its transformer
@@ -1660,6 +1747,7 @@ class Run(NamedTuple):
     tracker: Tracker
     prompts: list[str]           # the training prompts
     eval_prompts: list[str]      # the evaluation prompts (none: no evaluation)
+    compile_s: float | None      # seconds of compiling the transformer (None: eager)
 
 
 def resume_state(run: Run, args: Args) -> dict:
@@ -1687,10 +1775,12 @@ def start(args: Args) -> tuple[Run, Args, dict]:
     branch_steps = parse_branch_steps(args.branch_steps, args.steps)
     cuts = [prompt_cuts(pipe, prompts, "--prompt-file"), prompt_cuts(pipe, eval_prompts, "--eval-prompt-file")]
     print0(*filter(None, [note, *cuts]), describe_epoch(args, branch_steps, world))
+    with memory_advice(args, "in --compile's warm-up, at the run's largest calls"):
+        args, compile_s = compiled(pipe, args, prompts[0][1])
     gen = torch.Generator(device).manual_seed(args.seed + rank)  # each process its own prompts and noise
     run = Run(pipe, params, optimizer, ema, reward_fn, eval_fn, sigmas, branch_steps,
               step_weights(args, sigmas, branch_steps), gen, out, tracker, [p for _, p in prompts],
-              [p for _, p in eval_prompts])
+              [p for _, p in eval_prompts], compile_s)
     return run, args, resume_state(run, args)
 
 
@@ -1764,13 +1854,13 @@ def checkpoint(run: Run, state: dict):
                     dict(state, processes=rank_and_world()[1]))
 
 
-def run_epoch(run: Run, args: Args, epoch: int, state: dict, base: dict) -> tuple[dict, tuple, Exception | None]:
+def run_epoch(run: Run, args: Args, epoch: int, state: dict, once: dict) -> tuple[dict, tuple, Exception | None]:
     """One epoch: the rollout, rewards and advantages (collect), the optimizer steps (update), the evaluation when
-    due. Returns its metrics row (base's evaluation in epoch 0's), its samples for a grid, and a reward server's
-    failure in the evaluation; one in the rollout's scoring saves the epoch's start and ends the run."""
+    due. Returns its metrics row (with `once`, what the run's first row adds), its samples for a grid, and a reward
+    server's failure in the evaluation; one in the rollout's scoring saves the epoch's start and ends the run."""
     timer, start_s = Timer(run.pipe.transformer.device), time.time()
     gen_state, rng_state = run.gen.get_state(), torch.get_rng_state()  # the epoch's start, for an outage
-    with memory_advice(args, epoch):
+    with memory_advice(args, f"in epoch {epoch}"):
         try:
             batch, embeds, metrics, samples = collect(run.pipe, args, run.prompts, run.reward_fn, run.sigmas,
                                                       run.branch_steps, run.gen, timer)
@@ -1795,7 +1885,7 @@ def run_epoch(run: Run, args: Args, epoch: int, state: dict, base: dict) -> tupl
                     outage = err
     # wall seconds of training: the evaluations' are not counted
     wall_s = state["wall_s"] + time.time() - start_s - timer.seconds.get("eval_s", 0.0)
-    return dict(epoch=epoch, **metrics, **timer.metrics(), **(base if epoch == 0 else {}), nfe=nfe,
+    return dict(epoch=epoch, **metrics, **timer.metrics(), **once, nfe=nfe,
                 wall_s=round(wall_s, 2)), samples, outage
 
 
@@ -1805,13 +1895,16 @@ def train(args: Args) -> list[dict]:
     model looked for, before anything loads; --out is written only once everything has loaded."""
     run, args, state = start(args)
     stop = StopOnSignal()
-    base = base_evaluation(run, args) if run.eval_prompts and state["epoch"] == 0 else {}
+    # the first row of this process: the base model's evaluation (a new run's) and the compile seconds
+    once = base_evaluation(run, args) if run.eval_prompts and state["epoch"] == 0 else {}
+    once |= {"compile_s": round(run.compile_s, 2)} if run.compile_s is not None else {}
     rows = pending_row(run, args, state)
     done = 0 < args.max_nfe <= state["nfe"]  # a resumed run that had already spent its --max-nfe
     bar = progress(range(state["epoch"], args.epochs if not done else state["epoch"]), desc="epochs", unit="epoch",
                    initial=state["epoch"], total=args.epochs)
     for epoch in bar:
-        row, samples, outage = run_epoch(run, args, epoch, state, base)
+        row, samples, outage = run_epoch(run, args, epoch, state, once)
+        once = {}
         rows.append(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", refresh=False)
         last = epoch + 1 == args.epochs or 0 < args.max_nfe <= row["nfe"]
@@ -1934,12 +2027,19 @@ def finalize(args: Args) -> Args:
     check(args.reward_wait > 0, f"--reward-wait {args.reward_wait}: must be positive (seconds)")
     check(args.reward_dtype in ("float32", "bfloat16"), f"--reward-dtype {args.reward_dtype!r} is unknown; choose "
           f"float32 or bfloat16")
+    check(args.compile in ("auto", "on", "off"), f"--compile {args.compile!r} is unknown; choose auto, on or off")
+    args.compile = auto_compile() if args.compile == "auto" else args.compile
     check(args.lr > 0 and args.clip_range > 0 and args.beta >= 0, "--lr and --clip-range must be positive, --beta "
           "not negative")
     parse_spec(args.reward)
     if args.eval_reward:
         parse_spec(args.eval_reward, "--eval-reward")
     return args
+
+
+def auto_compile() -> str:
+    """--compile auto: on where the transformer goes to CUDA (init_distributed), off on the CPU."""
+    return "on" if torch.cuda.is_available() else "off"
 
 
 def check_tree(args: Args, branch_steps: list[int]):

@@ -1085,6 +1085,122 @@ def test_bad_input_fails_with_one_line_naming_the_flag(tmp_path, monkeypatch, fl
     assert str(err.value).startswith("error:") and "\n" not in str(err.value) and flag in str(err.value)
 
 
+# ---------------------------------------------------------------- --compile: one compiled transformer for every call
+
+def test_padded_calls_give_the_unpadded_velocities(pipe):
+    """cfg_velocity with pad_to (a compiled transformer's one shape) returns the velocities of the real rows only,
+    those of the unpadded call to float32 round-off, with and without CFG."""
+    x, _ = random_latents(3, seed=4)
+    embeds = tg.encode_prompts(pipe, ["a red circle", "two blue squares", "a green square"])
+    sigma = torch.tensor([0.9, 0.5, 0.1])
+    for guidance in (4.5, 1.0):
+        plain = tg.cfg_velocity(pipe.transformer, x, sigma, embeds, guidance)
+        padded = tg.cfg_velocity(pipe.transformer, x, sigma, embeds, guidance, pad_to=8)
+        assert padded.shape == plain.shape == x.shape
+        torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_run_trains_as_the_eager_one_and_compiles_only_before_its_first_epoch(
+        random_model, prompt_file, tmp_path, monkeypatch):
+    """--compile on (the CPU's inductor): every graph is compiled in the warm-up before the first epoch, none in the
+    two epochs after it; the rollout's log-probs and rewards, the loss and its KL (the reference forward, adapter
+    off) and the LoRA's update equal the eager run's to float32 round-off; after training, the compiled blocks'
+    velocity equals the eager one's with the adapter on and off."""
+    from torch._dynamo.utils import counters
+
+    runs, graphs, pipes = {}, [], []
+    rollout, trained_batch, add_lora, compile_transformer = tg.rollout, tg.trained_batch, tg.add_lora, tg.compile_transformer
+    load = tg.load_pipeline
+    def spy_rollout(*args, **kwargs):
+        out = rollout(*args, **kwargs)
+        runs[name]["log_prob"].append(out.log_prob.cpu())
+        return out
+    def spy_trained_batch(out, scores, *args):
+        runs[name]["reward"].append(scores["reward"])
+        return trained_batch(out, scores, *args)
+    def spy_add_lora(*args):
+        params = add_lora(*args)
+        runs[name]["initial"] = [p.detach().clone() for p in params]
+        runs[name]["params"] = params
+        return params
+    def counted(*args, **kwargs):
+        seconds = compile_transformer(*args, **kwargs)
+        graphs.append(counters["stats"]["unique_graphs"])
+        return seconds
+    monkeypatch.setattr(tg, "rollout", spy_rollout)
+    monkeypatch.setattr(tg, "trained_batch", spy_trained_batch)
+    monkeypatch.setattr(tg, "add_lora", spy_add_lora)
+    monkeypatch.setattr(tg, "compile_transformer", counted)
+    monkeypatch.setattr(tg, "load_pipeline", lambda *args: pipes.append(load(*args)) or pipes[-1])
+    for name, compile in (("eager", "off"), ("compiled", "on")):
+        runs[name] = dict(log_prob=[], reward=[])
+        runs[name]["rows"] = tg.train(quick_args(random_model, prompt_file, tmp_path / name, "--epochs", "2",
+                                                 "--max-batch", "8", "--train-batch", "4", "--compile", compile))
+    eager, compiled = runs["eager"], runs["compiled"]
+    assert len(graphs) == 1 and counters["stats"]["unique_graphs"] == graphs[0] > 0  # nothing after the warm-up
+    assert "compile_s" in compiled["rows"][0]
+    assert "compile_s" not in compiled["rows"][1] and "compile_s" not in eager["rows"][0]
+    for key in ("log_prob", "reward"):
+        torch.testing.assert_close(torch.cat(compiled[key]), torch.cat(eager[key]), rtol=1e-5, atol=1e-6)
+    for row_c, row_e in zip(compiled["rows"], eager["rows"]):
+        for key in ("loss", "kl", "ratio_mean", "clipfrac", "grad_norm"):
+            assert row_c[key] == pytest.approx(row_e[key], rel=1e-3, abs=1e-7), key
+    # Adam divides by each gradient's size, so an update is round-off's only where a gradient is near 0: compare
+    # the whole update's size
+    update = {name: torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(run["params"], run["initial"])])
+              for name, run in runs.items()}
+    assert (update["compiled"] - update["eager"]).norm() < 1e-2 * update["eager"].norm()
+    transformer = pipes[1].transformer
+    x = tg.initial_noise(pipes[1], 4, 64, torch.Generator().manual_seed(5))  # the run's 64 px
+    embeds = tg.encode_prompts(pipes[1], ["a red circle"]).take(torch.zeros(4, dtype=torch.long))
+    sigma = torch.tensor([0.9, 0.6, 0.3, 0.1])
+    def velocities():  # the adapter on at evaluation's shape, off at the reference's: both compiled in the warm-up
+        with torch.no_grad():
+            on = tg.sd3_velocity(transformer, embeds, 4.5, 8, pad=True)(x, sigma, torch.arange(4))
+            with tg.lora_disabled(transformer):
+                off = tg.sd3_velocity(transformer, embeds, 4.5, 4, pad=True)(x, sigma, torch.arange(4))
+        return on, off
+    on, off = velocities()
+    assert counters["stats"]["unique_graphs"] == graphs[0]
+    tg.eager(transformer)
+    for v_compiled, v_eager in zip((on, off), velocities()):
+        torch.testing.assert_close(v_compiled, v_eager, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(on, off, atol=1e-4)  # the trained adapter moves the velocity
+
+
+def test_a_failed_compile_says_so_in_one_line_and_the_run_goes_on_eager(random_model, prompt_file, tmp_path,
+                                                                      monkeypatch, capsys):
+    """A torch that cannot compile (a backend that raises) costs one warning naming the error: the run trains on,
+    eager and unpadded, exactly as with --compile off."""
+    import functools
+
+    def broken(graph, inputs):
+        raise RuntimeError("this backend cannot compile")
+    eager = tg.train(quick_args(random_model, prompt_file, tmp_path / "eager", "--epochs", "1", "--compile", "off"))
+    monkeypatch.setattr(tg, "compile_transformer", functools.partial(tg.compile_transformer, backend=broken))
+    rows = tg.train(quick_args(random_model, prompt_file, tmp_path / "broken", "--epochs", "1", "--compile", "on"))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: --compile")]
+    assert len(warnings) == 1 and "this backend cannot compile" in warnings[0] and "eager" in warnings[0]
+    assert "compile_s" not in rows[0]
+    assert {k: v for k, v in rows[0].items() if not k.endswith("_s")} == \
+        {k: v for k, v in eager[0].items() if not k.endswith("_s")}
+    assert all(torch.equal(a, b) for a, b in zip(lora_of(tmp_path / "broken").values(),
+                                                 lora_of(tmp_path / "eager").values()))
+
+
+def test_compile_is_a_lever_a_resume_may_switch_with_the_note(prompt_file, tmp_path):
+    """--compile rounds differently, as the memory levers do: a resume may switch it, with the note line; auto is
+    off on the CPU (the CUDA default is on)."""
+    args = tg.finalize(tg.Args(prompt_file=prompt_file, out=str(tmp_path), compile="auto"))
+    assert args.compile == ("on" if torch.cuda.is_available() else "off")
+    tg.write_config(tmp_path, tg.run_config(replace(args, compile="on"), tg.read_prompts(prompt_file)))
+    resumed = replace(args, compile="off", resume=True)
+    note = tg.check_out(resumed, tg.run_config(resumed, tg.read_prompts(prompt_file)))
+    assert note and "--compile 'on' -> 'off'" in note
+    with pytest.raises(SystemExit, match="--compile 'fast' is unknown"):
+        tg.finalize(tg.Args(prompt_file=prompt_file, compile="fast"))
+
+
 # ---------------------------------------------------------------- first contact: resume rules, inputs, what a run says
 
 def same_lora(a, b):
