@@ -1852,21 +1852,52 @@ def test_reduced_sd35m_and_pickscore_run_one_epoch(tmp_path, monkeypatch):
 
 
 def test_gpu_script_dry_run_measures_every_cap_and_the_rollout(tmp_path):
-    """bench/gpu.py --dry-run (its reduced models on the CPU) runs the rollout benchmark and one epoch of train()
-    per memory cap, and writes a table with the seconds of each cap and the rollout's counted evaluations."""
-    import subprocess
+    """bench/gpu.py --dry-run (its reduced models on the CPU) runs one epoch of train() per row, 80 GB eager and
+    compiled, 48 and 24 GB compiled, then the rollout benchmark; it writes each step's result to the .jsonl beside
+    the report and a table with each row's seconds, compile seconds and first pass, the compiled/eager speed-up,
+    the SDPA kernels of the 80 GB rows and the rollout's counted evaluations."""
     import sys
 
     out = tmp_path / "gpu.md"
     subprocess.run([sys.executable, "bench/gpu.py", "--dry-run", "--out", str(out), "--folder", str(tmp_path / "work")],
                    check=True, capture_output=True, cwd=Path(tg.__file__).parent)
-    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")]
-    caps = [row for row in rows if row[0].strip().endswith("GB")]
-    assert [row[0].strip() for row in caps] == ["80 GB", "48 GB", "24 GB"]
-    assert all(float(row[5]) > 0 for row in caps), caps  # train seconds: the epoch ran under every cap
-    assert all(float(row[2].split("/")[-1]) > 0 for row in caps)  # bench/plan.py's prediction beside
-    branch = next(row for row in rows if row[0].strip() == "branch")
+    steps = {r["step"]: r for r in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines())}
+    assert list(steps) == ["80 GB eager", "80 GB compiled", "48 GB compiled", "24 GB compiled", "rollout"]
+    rows = [steps[name] for name in list(steps)[:4]]
+    assert all(r["train_s"] > 0 and r["predicted_gb"] > 0 for r in rows), rows  # the epoch ran under every cap
+    assert all(r["first_pass_n"] > 0 and 0 <= r["first_pass_max"] < 1e-3 and r["first_pass_clipfrac"] == 0
+               for r in rows)  # the first pass: the rollout's log-probs, up to the batching's round-off
+    assert ["compile_s" in r for r in rows] == [False, True, True, True]
+    assert all(steps[name]["sdpa"] for name in ("80 GB eager", "80 GB compiled"))  # the CPU's flash op
+    table = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")]
+    caps = [(row[0].strip(), row[1].strip()) for row in table if row[0].strip().endswith("GB")]
+    assert caps == [("80 GB", "off"), ("80 GB", "on"), ("48 GB", "on"), ("24 GB", "on")]
+    assert "eager / compiled: " in out.read_text() and "_scaled_dot_product_" in out.read_text()
+    branch = next(row for row in table if row[0].strip() == "branch")
     assert branch[1] == branch[2]  # NFE counted == the cost formula
+
+
+def test_gpu_script_caps_memory_on_an_indexed_device(monkeypatch):
+    """bench/gpu.py's memory cap hands torch.cuda.set_per_process_memory_fraction the current device's index, as
+    torch requires (a torch.device("cuda") without one raises), and the cap's fraction of the card, at most 1."""
+    from types import SimpleNamespace
+
+    from bench import gpu
+
+    fractions = []
+
+    def set_per_process_memory_fraction(fraction, device=None):
+        torch._utils._get_device_index(device, optional=False)  # torch's own check of the device
+        fractions.append(fraction)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=96 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_per_process_memory_fraction)
+    with pytest.raises(ValueError, match="specified index"):  # what the script's first version passed
+        torch.cuda.set_per_process_memory_fraction(0.5, torch.device("cuda"))
+    gpu.cap_memory(24)
+    gpu.cap_memory(80)
+    gpu.cap_memory(141)
+    assert fractions == [0.25, pytest.approx(80 / 96), 1.0]
 
 def test_the_plan_counts_a_small_model_as_by_hand():
     """bench/plan.py's meter, on the meta device under CUDA's autocast rules, gives a count by hand. A chain of N
