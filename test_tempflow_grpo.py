@@ -1938,7 +1938,9 @@ def test_the_plan_counts_a_small_model_as_by_hand():
 def test_the_plan_of_the_reduced_pipeline_moves_as_it_must(capsys):
     """bench/plan.py on SD3.5-M's miniature: a training micro-batch of more latents takes more memory, gradient
     checkpointing less; offloading the text encoders lowers what sampling sits on, not what encoding needs; the
-    command line prints every phase. It replaces a private part of torch's MemTracker and FlopCounterMode (their
+    command line prints every phase and that compiled is not yet measured; a card's time is the FLOPs over its
+    rate, the H200's measured one (the reference epoch's 419 PFLOP in 47.5 min) or, for other cards, that rate
+    scaled by their datasheet peaks. It replaces a private part of torch's MemTracker and FlopCounterMode (their
     module trackers): this fails loudly when torch moves it."""
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.flop_counter import FlopCounterMode
@@ -1960,6 +1962,12 @@ def test_the_plan_of_the_reduced_pipeline_moves_as_it_must(capsys):
     plan.main(["--reduced", "--resolution", "64"])
     printed = capsys.readouterr().out
     assert all(name in printed for name in plan.PHASES.values()) and "run's peak" in printed
+    assert "compiled: not yet measured" in printed
+    times = {card: (rate, seconds) for card, rate, seconds in plan.card_times(419e15)}
+    assert all(seconds == pytest.approx(419e15 / (rate * 1e12)) for rate, seconds in times.values())
+    assert times[plan.MEASURED][0] == plan.EPOCH_RATE and times[plan.MEASURED][1] / 60 == pytest.approx(47.5, abs=0.05)
+    assert all(rate / plan.EPOCH_RATE == pytest.approx(plan.CARDS[card] / plan.CARDS[plan.MEASURED])
+               for card, (rate, _) in times.items())
 
 
 # ---------------------------------------------------------------- the tiny world

@@ -1,5 +1,5 @@
-"""One GPU, predicted: each phase's peak memory and the epoch's FLOPs, from this project's code on SD3.5-medium's
-architecture, without allocating a single weight.
+"""One GPU, predicted: each phase's peak memory and the epoch's FLOPs and time, from this project's code on
+SD3.5-medium's architecture, without allocating a single weight.
 
     python bench/plan.py [training flags]    # the peaks and time of one configuration, e.g. --train-batch 4
     python bench/plan.py --write             # bench/README.md's table -> bench/results/plan.md (minutes)
@@ -28,8 +28,10 @@ A rollout chunk makes hundreds of transformer calls of one size; the plan measur
 tracker and lets rollout() run with a stand-in that allocates that call's measured working memory and returns a
 velocity of the right shape, so that the rollout's own tensors (trunks, branches, recorded transitions) are its
 own, and the chunk takes seconds. Predicted peaks count tensors, as torch.cuda.max_memory_allocated does; the
-caching allocator's fragmentation and the CUDA context (about 0.5 GB) come on top. Time is the FLOPs at a stated
-fraction of each card's datasheet bf16 peak: an assumption until bench/gpu.py measures it.
+caching allocator's fragmentation and the CUDA context (about 0.5 GB) come on top. Time is the FLOPs over the
+effective rate one H200 measured for the reference epoch, eager (EPOCH_RATE: 19% of its measured bf16 matmul
+rate); other cards' rates are predicted, the H200's scaled by their datasheet peaks. A compiled rate is not yet
+measured.
 """
 import argparse
 import sys
@@ -49,10 +51,12 @@ import tempflow_grpo as tg  # noqa: E402
 from bench import sd35m  # noqa: E402
 
 GiB = 2**30
-# Dense bf16 tensor-core peaks (no sparsity) in TFLOP/s, from the NVIDIA datasheets: H100 SXM5 and H200 SXM
+# Dense bf16 tensor-core peaks (no sparsity) in TFLOP/s, from the NVIDIA datasheets: H200 SXM and H100 SXM5
 # (Hopper), A100 SXM4 80 GB, L40S, GeForce RTX 4090 (with FP32 accumulation)
-CARDS = {"H100 SXM": 989, "H200 SXM": 989, "A100 80GB": 312, "L40S": 362, "RTX 4090": 165}
-UTILISATION = 0.4  # the fraction of the peak the time assumes
+CARDS = {"H200 SXM": 989, "H100 SXM": 989, "A100 80GB": 312, "L40S": 362, "RTX 4090": 165}
+# Measured on one H200 (2026-12-04, eager, bf16, 512 px, random weights; provenance in bench/README.md): its bf16
+# matmul rate, and the reference epoch's effective rate with the 80 GB flags, 419 PFLOP (this plan) in 48 x 59.4 s
+MEASURED, MATMUL_RATE, EPOCH_RATE = "H200 SXM", 765, 147  # TFLOP/s
 PAPER_EPOCHS = 1000
 # =====================================================================================================
 # CUDA's autocast and fused attention, on the meta device
@@ -354,9 +358,11 @@ def run_peak(result: dict, skip: tuple[str, ...] = ()) -> float:
     return max(phase["peak"] for name, phase in result["phases"].items() if name not in skip) / GiB
 
 
-def card_times(flops: float) -> list[tuple[str, int, float]]:
-    """(card, bf16 TFLOP/s, seconds) for `flops` at UTILISATION of each card's peak."""
-    return [(card, tflops, flops / (tflops * 1e12 * UTILISATION)) for card, tflops in CARDS.items()]
+def card_times(flops: float) -> list[tuple[str, float, float]]:
+    """(card, effective TFLOP/s, seconds) for `flops`: the H200's measured EPOCH_RATE, other cards' predicted as that
+    rate times their datasheet peak over the H200's (the same fraction of the peak)."""
+    rates = {card: EPOCH_RATE * peak / CARDS[MEASURED] for card, peak in CARDS.items()}
+    return [(card, rate, flops / (rate * 1e12)) for card, rate in rates.items()]
 
 
 def parse(flags: list[str], prompt_file: Path = ROOT / "bench" / "prompts.txt") -> tg.Args:
@@ -376,10 +382,14 @@ def describe(args: tg.Args, result: dict) -> list[str]:
     lines += [f"run's peak: {run_peak(result):.1f} GiB (tensors; the CUDA context and fragmentation come on top)",
               f"epoch: {total / 1e15:,.0f} PFLOP (" + ", ".join(f"{WORK[k]} {v / 1e15:,.1f}" for k, v in
                                                            flops.items()) + ")"]
+    lines += [f"time, eager, at the rate an {MEASURED} measured (reference epoch, 80 GB flags): {EPOCH_RATE} TFLOP/s, "
+              f"{EPOCH_RATE / MATMUL_RATE:.0%} of its", "  measured bf16 matmul; the 24 GB flags ran slower (80.8 "
+              "against 47.5 min); other cards' rates predicted"]
     for card, tflops, seconds in card_times(total):
-        lines.append(f"  {card:<10} {seconds / 60:6.1f} min an epoch at {UTILISATION:.0%} of {tflops} TFLOP/s; "
+        lines.append(f"  {card:<10} {seconds / 60:6.1f} min an epoch at {tflops:.0f} TFLOP/s "
+                     f"({'measured' if card == MEASURED else 'predicted'}); "
                      f"{PAPER_EPOCHS} epochs {seconds * PAPER_EPOCHS / 3600:,.0f} GPU-hours")
-    return lines
+    return lines + ["compiled: not yet measured by bench/gpu.py"]
 
 
 def write_report(path: Path, reduced: bool = False, sweep=(2, 4, 8, 16, 32)) -> str:
@@ -390,7 +400,8 @@ def write_report(path: Path, reduced: bool = False, sweep=(2, 4, 8, 16, 32)) -> 
 
     extra = ["--resolution", "64"] if reduced else []
     lines = ["# One GPU, predicted: SD3.5-medium's memory and compute, from the code", "",
-             f"**Predicted, not measured.** `python bench/plan.py --write{' --reduced' if reduced else ''}` on "
+             "**Predicted, not measured**, but for the H200's rate of the last section. "
+             f"`python bench/plan.py --write{' --reduced' if reduced else ''}` on "
              f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, diffusers {diffusers.__version__}: "
              "this project's functions on SD3.5-medium's architecture and a PickScore-sized CLIP-H on the meta "
              "device, under CUDA's bf16 autocast rules with fused attention (how: bench/plan.py). Peaks count "
@@ -424,12 +435,20 @@ def write_report(path: Path, reduced: bool = False, sweep=(2, 4, 8, 16, 32)) -> 
               "embeddings) is the floor under every micro-batch.", "",
               "## The reference epoch's compute", "", "| phase | PFLOP |", "| --- | --- |",
               *(f"| {WORK[k]} | {v / 1e15:,.1f} |" for k, v in flops.items()), f"| epoch | {total / 1e15:,.1f} |",
-              "", f"Time at {UTILISATION:.0%} of each card's dense bf16 peak (NVIDIA datasheets; the utilisation is "
-              "an assumption until `bench/gpu.py` measures it):", "",
-              f"| card | bf16 TFLOP/s | epoch | {PAPER_EPOCHS} epochs |", "| --- | --- | --- | --- |"]
+              "", f"Time, eager, at the effective rate measured on one {MEASURED} on 2026-12-04: {EPOCH_RATE} "
+              f"TFLOP/s, 419 PFLOP in 48 x 59.4 s with the 80 GB flags, {EPOCH_RATE / MATMUL_RATE:.0%} of the "
+              f"{MATMUL_RATE} TFLOP/s its bf16 matmul measured (SD3.5-medium's shapes with random weights, bf16, "
+              "512 px, torch 2.11.0+cu130, diffusers 0.42.1, transformers 5.17.0, peft 0.21.2, project at 9eff69b; "
+              "bench/README.md). The other cards' rates are predicted, not measured: the H200's scaled by their "
+              f"dense bf16 datasheet peaks against its {CARDS[MEASURED]}. With the 24 GB flags the H200's epoch took "
+              "80.8 min: smaller batches and offloading run below this rate. Compiled: not yet measured by "
+              "`bench/gpu.py`.", "",
+              f"| card | datasheet bf16 TFLOP/s | effective TFLOP/s | epoch | {PAPER_EPOCHS} epochs |",
+              "| --- | --- | --- | --- | --- |"]
     for card, tflops, seconds in card_times(total):
-        lines.append(f"| {card} | {tflops} | {seconds / 60:.1f} min | {seconds * PAPER_EPOCHS / 3600:,.0f} "
-                     f"GPU-hours |")
+        kind = "measured" if card == MEASURED else "predicted"
+        lines.append(f"| {card} | {CARDS[card]} | {tflops:.0f} ({kind}) | {seconds / 60:.1f} min | "
+                     f"{seconds * PAPER_EPOCHS / 3600:,.0f} GPU-hours |")
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
