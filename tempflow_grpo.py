@@ -777,15 +777,18 @@ def read_prompts(path: str, flag: str = "--prompt-file") -> list[str]:
 
 
 def numbered_prompts(path: str, flag: str = "--prompt-file") -> list[tuple[int, str]]:
-    """(line number, prompt) of each non-blank line. A byte-order mark (Windows editors write one) and zero-width
-    spaces at a line's ends are dropped: the tokenizers would read them as part of a word."""
+    """(line number, prompt) of each non-blank line, a line being what ends at "\n" (and only there: str.splitlines
+    would also break at U+2028, form feed and more). A byte-order mark (Windows editors write one), the "\r" of
+    "\r\n" and zero-width spaces at a line's ends are dropped: the tokenizers would read them as part of a word."""
     file = Path(path)
     if not path:
         raise SystemExit(f"error: {flag} is required")
+    if file.is_dir():
+        raise SystemExit(f"error: {flag} {path!r} is a folder; give the text file in it, a prompt per line")
     if not file.is_file():
         raise SystemExit(f"error: {flag} {path!r} does not exist")
     try:
-        lines = file.read_text(encoding="utf-8-sig").splitlines()
+        lines = file.read_bytes().decode("utf-8-sig").split("\n")
     except UnicodeDecodeError as err:
         raise SystemExit(f"error: {flag} {path!r} is not UTF-8 text ({err.reason} at byte {err.start}); save it "
                          f"as UTF-8") from None

@@ -1302,6 +1302,20 @@ def test_a_prompt_file_reads_as_its_plain_utf8_twin(tmp_path, text):
     assert reward.geneval_toy(image, prompts[:1]).item() == reward.geneval_toy(image, ["two blue squares"]).item() > 0
 
 
+def test_a_prompt_is_a_line_ended_by_a_newline_and_nothing_else(tmp_path):
+    """Only "\n" ends a prompt (an "\r" before it dropped): the line separators that str.splitlines also breaks
+    at (U+2028, U+0085, form feed, vertical tab, \x1c-\x1e) stay inside their line, so a 3-line file is 3 prompts
+    and their line numbers are the editor's. A folder given as the file is named as a folder."""
+    path = tmp_path / "p.txt"
+    path.write_bytes("a red circle\u2028on the left\r\ntwo\x0cblue\x0bsquares\x1c\x1d\x1e\n\nthree\x85green "
+                     "circles\n".encode("utf-8"))
+    numbered = tg.numbered_prompts(str(path))
+    assert [n for n, _ in numbered] == [1, 2, 4]
+    assert numbered[0][1] == "a red circle\u2028on the left" and numbered[2][1] == "three\x85green circles"
+    with pytest.raises(SystemExit, match="is a folder"):
+        tg.numbered_prompts(str(tmp_path))
+
+
 def test_prompts_longer_than_the_encoders_are_named_once(pipe, tmp_path):
     """A prompt longer than CLIP's or T5's tokens is named by its line in one note; encoding it says nothing more."""
     import logging
