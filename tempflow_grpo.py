@@ -2008,8 +2008,7 @@ def finalize(args: Args) -> Args:
           f"--seeds-per-prompt {args.seeds_per_prompt} make groups of {group}; advantages need at least 2 samples "
           f"per group")
     check_tree(args, steps)
-    check(args.shift >= 0, f"--shift {args.shift}: must be positive (or 0 for the model's own)")
-    check(args.noise_level > 0, f"--noise-level {args.noise_level}: must be positive (the SDE needs noise)")
+    check_numbers(args)
     check(args.sampler == "sde" or args.noise_level <= 1, f"--noise-level {args.noise_level}: --sampler cps needs "
           f"0 < a <= 1 (its std is s_(k+1) sin(a pi / 2))")
     check(args.finish_steps >= 0, f"--finish-steps {args.finish_steps}: must be 0 (the whole remaining grid) or more")
@@ -2027,17 +2026,36 @@ def finalize(args: Args) -> Args:
     for flag in ("max_batch", "train_batch"):
         check(getattr(args, flag) >= 2, f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 2 "
               f"(CFG's two halves)")
-    check(args.reward_wait > 0, f"--reward-wait {args.reward_wait}: must be positive (seconds)")
     check(args.reward_dtype in ("float32", "bfloat16"), f"--reward-dtype {args.reward_dtype!r} is unknown; choose "
           f"float32 or bfloat16")
     check(args.compile in ("auto", "on", "off"), f"--compile {args.compile!r} is unknown; choose auto, on or off")
     args.compile = auto_compile() if args.compile == "auto" else args.compile
-    check(args.lr > 0 and args.clip_range > 0 and args.beta >= 0, "--lr and --clip-range must be positive, --beta "
-          "not negative")
     parse_spec(args.reward)
     if args.eval_reward:
         parse_spec(args.eval_reward, "--eval-reward")
     return args
+
+
+# The real-valued settings: the least each may be, whether it must exceed it, and why (each must be a number; only
+# the clips may be infinite, for no clipping). A value that means nothing useful fails: --max-grad-norm -1 mirrors
+# every update (the run trains away from its reward), 0 learns nothing, --adv-clip -1 makes every advantage -1.
+BOUNDS = {"lr": (0, True, ""), "clip_range": (0, True, ""), "beta": (0, False, "0: no KL"),
+          "weight_decay": (0, False, "0: none"), "noise_level": (0, True, "the SDE needs noise"),
+          "shift": (0, False, "0: the model's own"), "guidance": (1, False, "1: no CFG, as below 1 in the pipeline"),
+          "reward_wait": (0, True, "seconds"), "max_grad_norm": (0, True, "inf: no clipping"),
+          "adv_clip": (0, True, "inf: no clipping")}
+
+
+def check_numbers(args: Args):
+    """Each of BOUNDS's settings within its bound, and the integers that have no other check."""
+    for name, (low, strict, note) in BOUNDS.items():
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        finite = math.isfinite(value) or (name in ("max_grad_norm", "adv_clip") and value == math.inf)
+        check(finite and (value > low if strict else value >= low), f"{flag} {value}: must be "
+              f"{'more than' if strict else 'at least'} {low}{f' ({note})' if note else ''}")
+    check(args.lr * args.weight_decay < 1, f"--weight-decay {args.weight_decay} with --lr {args.lr}: their product "
+          f"must be below 1, or each step shrinks the LoRA past zero")
+    check(args.max_nfe >= 0, f"--max-nfe {args.max_nfe}: must be 0 (no limit) or more")
 
 
 def auto_compile() -> str:

@@ -1073,6 +1073,21 @@ def test_cuda_out_of_memory_names_the_flags_that_fix_it(random_model, prompt_fil
     (["--out", "{tmp}/prompts.txt"], b"a", "--out"),      # an existing file
     (["--out", "{tmp}/prompts.txt/run"], b"a", "--out"),  # a folder below a file
     (["--out", "/sys/tempflow-run"], b"a", "--out"),      # a folder nobody may write in, root included
+    (["--max-grad-norm", "-1"], b"a", "--max-grad-norm"),  # mirrors every update
+    (["--max-grad-norm", "0"], b"a", "--max-grad-norm"),   # learns nothing
+    (["--adv-clip", "-1"], b"a", "--adv-clip"),            # every advantage -1
+    (["--adv-clip", "0"], b"a", "--adv-clip"),             # every advantage 0
+    (["--weight-decay", "-1e-4"], b"a", "--weight-decay"),
+    (["--weight-decay", "1e4"], b"a", "--weight-decay"),   # lr x decay >= 1: the LoRA shrinks past zero
+    (["--lr", "nan"], b"a", "--lr"),
+    (["--lr", "inf"], b"a", "--lr"),
+    (["--clip-range", "0"], b"a", "--clip-range"),
+    (["--beta", "nan"], b"a", "--beta"),
+    (["--guidance", "0.5"], b"a", "--guidance"),           # below 1 the pipeline drops CFG: g = 1
+    (["--noise-level", "inf"], b"a", "--noise-level"),
+    (["--shift", "-3"], b"a", "--shift"),
+    (["--reward-wait", "inf"], b"a", "--reward-wait"),
+    (["--max-nfe", "-5"], b"a", "--max-nfe"),
 ])
 def test_bad_input_fails_with_one_line_naming_the_flag(tmp_path, monkeypatch, flags, content, flag):
     """Each bad input exits with one line that names its flag, before any model is loaded."""
