@@ -44,7 +44,7 @@ Deliberate departures from the paper or the official code (each a flag where it 
   7. Rewards enter the advantages as they are; the official code divides PickScore by 26 first, which only the
      1e-4 in the std's denominator notices (it weighs 26x more against the spread there).
   8. The reference epoch's 48 prompts are accumulated on one GPU, or split over torchrun's processes, where the
-     official run used 48 GPUs; the update they make is the same.
+     official run used 48 GPUs; drawn as its sampler draws them (drawn_prompts), the update they make is the same.
   9. --sampler cps scores a transition by its Gaussian density, as the SDE does; Flow-GRPO's cps code drops the
      1 / (2 std_k^2) and -log std_k, so its log-ratios are 2 std_k^2 times these (sde_step).
  10. The KL divides by 2 std_k^2 under every method, as TempFlow-GRPO's code and Flow-GRPO's before July 2025 do;
@@ -142,6 +142,10 @@ class Args:
     prompts_per_epoch: int = 48
     """P, prompts per epoch (paper: 48, one per GPU of the official run; accumulated here): an epoch samples
     P*S*|B|*G branch images (branch) or P*S*G images (sde)"""
+    prompt_draw: str = "shared"
+    """shared: an epoch's prompts are the start of one permutation of the file, split among torchrun's processes
+    (the official draw: distinct while the file has P); independent: each process draws with replacement (the draw
+    of runs begun before this setting, which resume with it)"""
     noise_level: float = 0.7
     """a, the noise level of the stochastic steps (paper: 0.7; with --sampler cps it must lie in (0, 1])"""
     sampler: str = "sde"
@@ -1181,16 +1185,29 @@ def trained_batch(out: Rollout, scores: dict, noise_prompt: Tensor, args: Args) 
     return batch, metrics
 
 
+def drawn_prompts(count: int, args: Args, epoch: int, gen: torch.Generator) -> list[int]:
+    """This process's share of epoch's --prompts-per-epoch prompts, as indices of the `count` training prompts.
+    "shared", the official draw (flow_grpo's DistributedKRepeatSampler): one permutation per epoch, the same in every
+    process, whose first prompts the processes split in rank order, so an epoch's prompts are distinct (while the
+    file has enough) and no two processes share one. "independent" (runs begun before it): each process draws with
+    replacement from its own generator."""
+    rank, world = rank_and_world()
+    share = args.prompts_per_epoch // world
+    if args.prompt_draw == "independent":
+        return torch.randint(count, (share,), generator=gen, device=gen.device).tolist()
+    shared = torch.Generator().manual_seed(args.seed * 2**32 + epoch)  # apart from every process's (seed + rank)
+    order = torch.cat([torch.randperm(count, generator=shared) for _ in range(-(-args.prompts_per_epoch // count))])
+    return order[rank * share:(rank + 1) * share].tolist()
+
+
 def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor, branch_steps: list[int],
-            gen: torch.Generator, timer: "Timer") -> tuple[Batch, PromptEmbeds, dict, tuple]:
-    """Sample this process's share of an epoch (method 3, 7 or 8) in chunks of --rollout-prompts prompts, each decoded
+            gen: torch.Generator, timer: "Timer", epoch: int = 0) -> tuple[Batch, PromptEmbeds, dict, tuple]:
+    """Sample this process's share of epoch `epoch` (method 3, 7 or 8) in chunks of --rollout-prompts prompts, each decoded
     and scored as it finishes, so that GPU memory does not grow with the epoch; the recorded transitions wait on
     the CPU. Then the rewards become advantages (method 4). Also returns up to 32 images, with captions, for a grid.
     A reward server's failure in any process raises RewardServerError in every process."""
     world = rank_and_world()[1]
-    picks = torch.randint(len(prompt_list), (args.prompts_per_epoch // world,), generator=gen,
-                          device=gen.device).tolist()
-    prompts = [prompt_list[j] for j in picks]
+    prompts = [prompt_list[j] for j in drawn_prompts(len(prompt_list), args, epoch, gen)]
     device = pipe.transformer.device
     with timer("sample_s"), placed(text_encoders(pipe), device, args.offload_text_encoders):
         embeds = encode_prompts(pipe, prompts)
@@ -1492,9 +1509,9 @@ def check_out(args: Args, config: dict) -> str | None:
         check(not args.resume, f"--resume: --out {args.out} holds no run to resume (no config.json); check the "
               f"path, or leave out --resume to start a new run")
         return None
-    old, default = json.loads(saved.read_text()), defaults() | {"compile": "off"}
-    # a setting that did not exist when the run began had its default (runs before --compile ran eager); runs
-    # older than the digest compare paths
+    old, default = json.loads(saved.read_text()), defaults() | {"compile": "off", "prompt_draw": "independent"}
+    # a setting that did not exist when the run began had its default (runs before --compile ran eager, before
+    # --prompt-draw drew independently); runs older than the digest compare paths
     before = {k: old.get(k, default.get(k)) for k in config}
     ignored = RESUMABLE | MEMORY_LEVERS | ({"prompt_file"} if "prompts_sha256" in old else {"prompts_sha256"})
     flag = lambda k: "the prompts" if k == "prompts_sha256" else "--" + k.replace("_", "-")  # noqa: E731
@@ -1662,6 +1679,9 @@ def prepare(args: Args) -> tuple[Args, dict, list, list, str | None]:
     every model looked at. Returns the settings, config.json's content, the (line, prompt) pairs of the training and
     evaluation files, and a note on what a resume changes."""
     args = finalize(args)
+    saved = Path(args.out) / "config.json"
+    if args.resume and saved.exists():  # a run resumes with its own prompt draw (runs before the setting: independent)
+        args.prompt_draw = json.loads(saved.read_text()).get("prompt_draw", "independent")
     prompts = numbered_prompts(args.prompt_file)
     eval_prompts = numbered_prompts(args.eval_prompt_file, "--eval-prompt-file") if args.eval_prompt_file else []
     check_writable(args.out)
@@ -1780,7 +1800,7 @@ def start(args: Args) -> tuple[Run, Args, dict]:
     print0(*filter(None, [note, *cuts]), describe_epoch(args, branch_steps, world))
     with memory_advice(args, "in --compile's warm-up, at the run's largest calls"):
         args, compile_s = compiled(pipe, args, prompts[0][1])
-    gen = torch.Generator(device).manual_seed(args.seed + rank)  # each process its own prompts and noise
+    gen = torch.Generator(device).manual_seed(args.seed + rank)  # each process its own noise (--prompt-draw shared)
     run = Run(pipe, params, optimizer, ema, reward_fn, eval_fn, sigmas, branch_steps,
               step_weights(args, sigmas, branch_steps), gen, out, tracker, [p for _, p in prompts],
               [p for _, p in eval_prompts], compile_s)
@@ -1866,7 +1886,7 @@ def run_epoch(run: Run, args: Args, epoch: int, state: dict, once: dict) -> tupl
     with memory_advice(args, f"in epoch {epoch}"):
         try:
             batch, embeds, metrics, samples = collect(run.pipe, args, run.prompts, run.reward_fn, run.sigmas,
-                                                      run.branch_steps, run.gen, timer)
+                                                      run.branch_steps, run.gen, timer, epoch)
         except RewardServerError as err:  # in every process at once: the epoch is dropped, its start saved
             run.gen.set_state(gen_state)
             torch.set_rng_state(rng_state)
@@ -1987,7 +2007,8 @@ def finalize(args: Args) -> Args:
         setattr(args, key, getattr(args, key) or value)
     for flag, value, choices in (("rollout", args.rollout, "branch sde tree"), ("group", args.group, "seed prompt"),
                                  ("weighting", args.weighting, "noise uniform"),
-                                 ("adv_std", args.adv_std, "group global"), ("sampler", args.sampler, "sde cps")):
+                                 ("adv_std", args.adv_std, "group global"), ("sampler", args.sampler, "sde cps"),
+                                 ("prompt_draw", args.prompt_draw, "shared independent")):
         check(value in choices.split(), f"--{flag.replace('_', '-')} {value!r} is unknown; choose one of "
               f"{choices.replace(' ', ', ')}")
     read_prompts(args.prompt_file)

@@ -1250,6 +1250,31 @@ def test_a_setting_missing_from_an_older_config_compares_as_its_default(random_m
     assert len(tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "2", "--resume"))) == 1
 
 
+def test_an_epochs_prompts_are_one_shared_permutation_split_over_the_processes(random_model, prompt_file, tmp_path,
+                                                                             monkeypatch):
+    """The official prompt draw (--prompt-draw shared, the default): an epoch's prompts are distinct, the same
+    permutation in every process whatever its own generator, split in rank order so that no two processes share one
+    and together they are the one-process draw; another epoch, another permutation; a file shorter than the epoch
+    gives every prompt before any twice. A run begun before the setting resumes with its independent draw."""
+    args = tg.finalize(tg.Args(prompt_file=prompt_file, prompts_per_epoch=4))
+    whole = tg.drawn_prompts(10, args, 3, torch.Generator().manual_seed(5))
+    assert len(set(whole)) == 4 and all(0 <= j < 10 for j in whole)
+    assert tg.drawn_prompts(10, args, 4, torch.Generator().manual_seed(5)) != whole
+    shares = []
+    for rank in range(2):
+        monkeypatch.setattr(tg, "rank_and_world", lambda rank=rank: (rank, 2))
+        shares.append(tg.drawn_prompts(10, args, 3, torch.Generator().manual_seed(rank)))
+    assert shares[0] + shares[1] == whole
+    monkeypatch.undo()
+    short = tg.drawn_prompts(3, replace(args, prompts_per_epoch=6), 0, torch.Generator())
+    assert sorted(short[:3]) == sorted(short[3:]) == [0, 1, 2]
+    old = tg.finalize(tg.Args(prompt_file=prompt_file, model=random_model, reward="color", out=str(tmp_path)))
+    config = tg.run_config(old, tg.read_prompts(prompt_file))
+    del config["prompt_draw"]  # a config.json written before the setting existed
+    tg.write_config(tmp_path, config)
+    assert tg.prepare(replace(old, resume=True))[0].prompt_draw == "independent"
+
+
 def test_resume_may_change_the_memory_levers_and_says_so(random_model, prompt_file, tmp_path, capsys):
     """Every memory lever the out-of-memory message recommends may change on --resume; the run goes on with one line
     saying it is not bit-identical to an uninterrupted one."""
