@@ -314,15 +314,41 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def load_plugin(name: str) -> RewardFn:
-    """`path/to/file.py:function` -> that function."""
+def load_plugin(name: str, flag: str = "--reward") -> RewardFn:
+    """`path/to/file.py:function` -> that function, or one line naming the spec and why it cannot be had."""
     path, _, function = name.rpartition(":")
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the plug-in's own error (a syntax error, a missing import), not a traceback of ours
+        where = f" at line {err.lineno}" if isinstance(err, SyntaxError) else ""
+        raise SystemExit(f"error: {flag} {name!r}: {path} does not load: {type(err).__name__}{where}: "
+                         f"{first_line(err)}") from None
     if not callable(getattr(module, function, None)):
-        raise SystemExit(f"error: --reward {name!r}: {path} has no function {function!r}")
+        raise SystemExit(f"error: {flag} {name!r}: {path} has no function {function!r}")
     return getattr(module, function)
+
+
+def first_line(err: BaseException) -> str:
+    return (str(getattr(err, "msg", None) or err).strip().splitlines() or [""])[0][:200]
+
+
+def check_plugin(name: str, flag: str, prompt: str):
+    """Before anything loads: a plug-in scores two small grey images with `prompt`, one number each, or one line
+    names the spec and what it did instead."""
+    fn = load_plugin(name, flag)
+    try:
+        out = fn(torch.full((2, 3, 64, 64), 0.5), [prompt, prompt])
+        values = torch.as_tensor(out, dtype=torch.float32).reshape(-1)
+    except Exception as err:
+        raise SystemExit(f"error: {flag} {name!r} fails on two grey 64 px images: {type(err).__name__}: "
+                         f"{first_line(err)}") from None
+    if values.shape != (2,):
+        got = f"a {type(out).__name__} of shape {tuple(out.shape)}" if hasattr(out, "shape") else \
+            f"a {type(out).__name__}" + (f" of {len(out)}" if hasattr(out, "__len__") else "")
+        raise SystemExit(f"error: {flag} {name!r} returned {got} for 2 images; a reward returns one number per "
+                         f"image, Tensor[B] (reward.py)")
 
 
 def load_reward(spec: str, device="cpu", batch_size: int = 32, dtype: torch.dtype = torch.float32,
@@ -339,7 +365,8 @@ def load_reward(spec: str, device="cpu", batch_size: int = 32, dtype: torch.dtyp
 
     @torch.no_grad()
     def score(images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
-        assert len(images) == len(prompts), f"{len(images)} images but {len(prompts)} prompts"
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         out = {}
         for name, fn in fns.items():
             chunks = [fn(images[i:i + batch_size], prompts[i:i + batch_size])
@@ -351,8 +378,8 @@ def load_reward(spec: str, device="cpu", batch_size: int = 32, dtype: torch.dtyp
                     raise RewardServerError(f"{name}: its list {key!r} has the name of another component")
                 out[column] = torch.cat([torch.as_tensor(c[key], dtype=torch.float32).cpu().reshape(-1)
                                          for c in chunks])
-                assert out[column].shape == (len(images),), f"reward {name}: {len(out[column])} scores, " \
-                                                            f"{len(images)} images"
+                if out[column].shape != (len(images),):
+                    raise ValueError(f"reward {name}: {len(out[column])} scores for {len(images)} images")
         out["reward"] = sum(weight * out[name] for name, weight in parts)
         return out
     score.models = [model for fn in fns.values() for model in getattr(fn, "models", [])]
@@ -484,11 +511,13 @@ def read_answer(body: bytes, url: str, n: int) -> dict[str, list]:
     return lists
 
 
-def check_servers(spec: str, flag: str, prompt: str, wait: float):
-    """Before anything loads: every server of a spec scores one small grey image with `prompt`, or one line names
-    the URL and what went wrong."""
+def check_rewards(spec: str, flag: str, prompt: str, wait: float):
+    """Before anything loads: every plug-in of a spec scores two small grey images (check_plugin), and every server
+    one, with `prompt`, or one line names the plug-in or URL and what went wrong."""
     for name, _ in parse_spec(spec, flag):
-        if is_url(name):
+        if ".py:" in name and not is_url(name):
+            check_plugin(name, flag, prompt)
+        elif is_url(name):
             try:
                 server_reward(name, wait, retry=False)(torch.full((1, 3, 64, 64), 0.5), [prompt])
             except RewardServerError as err:

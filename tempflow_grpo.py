@@ -80,7 +80,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from reward import RewardServerError, check_servers, load_reward, parse_spec, required_models, to_pil
+from reward import RewardServerError, check_rewards, load_reward, parse_spec, required_models, to_pil
 
 
 # =====================================================================================================
@@ -1690,7 +1690,7 @@ def prepare(args: Args) -> tuple[Args, dict, list, list, str | None]:
     check_models(args)
     for flag, spec in (("--reward", args.reward), ("--eval-reward", args.eval_reward)):
         if spec:
-            check_servers(spec, flag, prompts[0][1], args.reward_wait)
+            check_rewards(spec, flag, prompts[0][1], args.reward_wait)
     return args, config, prompts, eval_prompts, note
 
 

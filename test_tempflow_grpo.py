@@ -1100,6 +1100,30 @@ def test_bad_input_fails_with_one_line_naming_the_flag(tmp_path, monkeypatch, fl
     assert str(err.value).startswith("error:") and "\n" not in str(err.value) and flag in str(err.value)
 
 
+@pytest.mark.parametrize("body, words", [
+    ("def fn(images, prompts):\n    return torch.zeros(1)\n", "returned a Tensor of shape (1,) for 2 images"),
+    ("def fn(images, prompts):\n    return 0.5\n", "returned a float for 2 images"),
+    ("def fn(images, prompts):\n    return [0.1, 0.2, 0.3]\n", "returned a list of 3 for 2 images"),
+    ("def fn(images, prompts):\n    return {'score': 1}\n", "fails on two grey 64 px images"),
+    ("def fn(images, prompts):\n    raise KeyError('no model')\n", "KeyError: 'no model'"),
+    ("def fn(images prompts):\n    pass\n", "does not load: SyntaxError at line 2"),
+    ("import no_such_module\n", "does not load: ModuleNotFoundError"),
+])
+def test_a_reward_plugin_is_tried_before_anything_loads(tmp_path, monkeypatch, body, words):
+    """A file.py:fn reward scores two small images before any model loads, as a server does: a wrong number of
+    values, a wrong type, an exception or a file that does not import is one line naming the spec (it was an
+    assert after the first rollout, gone under python -O)."""
+    monkeypatch.setattr(tg, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    plugin, prompts = tmp_path / "plugin.py", tmp_path / "p.txt"
+    plugin.write_text("import torch\n" + body)
+    prompts.write_text("a red circle\n")
+    with pytest.raises(SystemExit) as err:
+        tg.main(["--tiny", "--prompt-file", str(prompts), "--out", str(tmp_path / "run"), "--reward", f"{plugin}:fn"])
+    message = str(err.value)
+    assert message.startswith("error: --reward") and f"{plugin}:fn" in message and "\n" not in message
+    assert words in message, message
+
+
 # ---------------------------------------------------------------- --compile: one compiled transformer for every call
 
 def test_padded_calls_give_the_unpadded_velocities(pipe):
