@@ -866,12 +866,19 @@ def eager(transformer):
     torch._dynamo.reset()
 
 
-def save_lora(pipe, folder: Path):
-    """The adapter in diffusers' format: StableDiffusion3Pipeline.load_lora_weights(folder) loads it back."""
+# diffusers' file name of a LoRA, which load_lora_weights(folder) looks for
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def save_lora(transformer, folder: Path):
+    """The adapter in diffusers' format, alpha included: StableDiffusion3Pipeline.load_lora_weights(folder) loads it
+    as trained."""
+    from diffusers import StableDiffusion3Pipeline
     from peft.utils import get_peft_model_state_dict
 
-    type(pipe).save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
-                                 transformer_lora_adapter_metadata=pipe.transformer.peft_config["default"].to_dict())
+    StableDiffusion3Pipeline.save_lora_weights(
+        folder, transformer_lora_layers=get_peft_model_state_dict(transformer), weight_name=LORA_FILE,
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
 
 
 # the official code's EMA of the LoRA weights: its largest decay and its interval in optimizer steps
@@ -1551,12 +1558,10 @@ def write_config(out: Path, config: dict):
 
 
 def save_checkpoint(out: Path, transformer, params, optimizer, ema, gen: torch.Generator, state: dict):
-    """Write checkpoints/epoch_N atomically (a temporary folder renamed when complete), then drop older ones. Under
-    torchrun the first process writes, with every process's generator state, after checking that all hold the same
-    LoRA."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
+    """Write checkpoints/epoch_N atomically (a temporary folder renamed when complete), then drop older ones, and
+    the EMA's LoRA in out/lora: both load with load_lora_weights, so that a run stopped anywhere has its adapter.
+    Under torchrun the first process writes, with every process's generator state, after checking that all hold
+    the same LoRA."""
     gens = [gen.get_state()]
     if dist.is_initialized():
         check_in_sync(params)
@@ -1568,7 +1573,7 @@ def save_checkpoint(out: Path, transformer, params, optimizer, ema, gen: torch.G
     final, tmp = root / f"epoch_{state['epoch']:06d}", root / f"epoch_{state['epoch']:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(get_peft_model_state_dict(transformer), tmp / "lora.safetensors")
+    save_lora(transformer, tmp)  # the live weights, which training resumes from
     rng = dict(gens=gens, torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     torch.save(dict(optimizer=optimizer.state_dict(), rng=rng, ema=ema.state_dict() if ema else None),
@@ -1579,6 +1584,10 @@ def save_checkpoint(out: Path, transformer, params, optimizer, ema, gen: torch.G
     for old in root.glob("epoch_*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
+    with ema_weights(ema, params):  # evaluation's and the export's weights
+        save_lora(transformer, out / "lora.tmp")
+    shutil.rmtree(out / "lora", ignore_errors=True)
+    os.replace(out / "lora.tmp", out / "lora")
 
 
 def load_checkpoint(out: Path, transformer, optimizer, ema, gen: torch.Generator) -> dict | None:
@@ -1590,7 +1599,11 @@ def load_checkpoint(out: Path, transformer, optimizer, ema, gen: torch.Generator
     last = last_checkpoint(out)
     if last is None:
         return None
-    set_peft_model_state_dict(transformer, load_file(last / "lora.safetensors"))
+    if (last / "lora.safetensors").exists():  # a checkpoint from before diffusers' format: peft's keys
+        lora = load_file(last / "lora.safetensors")
+    else:
+        lora = {k.removeprefix("transformer."): v for k, v in load_file(last / LORA_FILE).items()}
+    set_peft_model_state_dict(transformer, lora)
     # on the CPU first: the first process saved it from its GPU, and the generator states must stay CPU tensors
     saved = torch.load(last / "optimizer_rng.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])  # (moves its state to each parameter's device)
@@ -1949,10 +1962,7 @@ def train(args: Args) -> list[dict]:
             raise SystemExit(128 + (stop.signum or signal.SIGTERM))
         if last:
             break
-    if rank_and_world()[0] == 0:
-        with ema_weights(run.ema, run.params):
-            save_lora(run.pipe, run.out / "lora")
-    print0(summary(run.out))
+    print0(summary(run.out))  # the last epoch's checkpoint wrote lora/
     run.tracker.finish()
     return rows
 
