@@ -37,8 +37,9 @@ Deliberate departures from the paper or the official code (each a flag where it 
   2. w_k is computed from the grid; one public script multiplies std_k by a hard-coded 2.25 instead (about 1 / the
      mean std of the reference grid, 0.1% off; method 5).
   3. A trunk stops after the last branch step, as the method's cost counts it (max(B) + 1 trunk evaluations).
-  4. A sample with a non-finite reward is left out of its group and counted as invalid (the official code has no
-     such case); zero advantages follow the official rule (method 6, `trained_images`).
+  4. A sample with a non-finite reward, image, y or old log-prob is left out of its group and counted as invalid
+     (the official code has no such case; not_finite); zero advantages follow the official rule (method 6,
+     `trained_images`).
   5. The Flow-GRPO rollout takes the SDE at the trained steps (all but the last) and the ODE at the last.
   6. Latents are float32 throughout; a bf16 pipeline (CUDA's) runs under bf16 autocast, the step math in float32.
   7. Rewards enter the advantages as they are; the official code divides PickScore by 26 first, which only the
@@ -1144,14 +1145,31 @@ def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, caption
         out = rollout(velocity_fn, noise.to(device), sigmas, args.rollout, branch_steps, args.noise_level, gen,
                       args.branches, args.sampler, args.finish_steps, *tree_shape(args))
     image_captions = [captions[n] for n in out.image_noise.tolist()]
+    broken = not_finite(out)  # [M]
     scores, kept = [], []
     with timer("score_s"), autocast(pipe.transformer), placed(reward_fn.models, device, args.offload_reward):
         for j in range(0, len(out.latents), args.max_batch):
             images = decode_latents(pipe, out.latents[j:j + args.max_batch])  # [<= max_batch, 3, H, W]
-            scores.append(reward_fn(images, image_captions[j:j + args.max_batch]))
+            bad = broken[j:j + len(images)].to(device) | ~images.isfinite().flatten(1).all(1)
+            images = torch.where(bad.view(-1, 1, 1, 1), 0.0, images)  # no reward sees a NaN image...
+            chunk = reward_fn(images, image_captions[j:j + args.max_batch])
+            scores.append({k: v.masked_fill(bad.cpu(), math.nan) for k, v in chunk.items()})  # ...nor scores one
             kept.append(images[shown[j:j + len(images)].to(device)].cpu())
     out = Rollout(*(t.cpu() for t in out._replace(latents=out.latents[:0])))
     return out, {k: torch.cat([s[k] for s in scores]) for k in scores[0]}, torch.cat(kept)
+
+
+def not_finite(out: Rollout) -> Tensor:
+    """[M] the images that are not finite, or that score a transition whose y or old log-prob is not (a velocity
+    that overflowed, as bf16 can): their rewards become NaN, so that trained_batch counts them invalid and drops
+    their transitions, and the epoch trains on the rest."""
+    bad = ~out.latents.isfinite().flatten(1).all(1)
+    broken = ~(out.y.isfinite().flatten(1).all(1) & out.log_prob.isfinite())  # [K]
+    # transition k is scored by images image[k] .. image[k] + span[k] - 1: mark each such range
+    edges = torch.zeros(len(bad) + 1, device=bad.device)
+    edges.index_add_(0, out.image[broken], torch.ones(int(broken.sum()), device=bad.device))
+    edges.index_add_(0, (out.image + out.span)[broken], -torch.ones(int(broken.sum()), device=bad.device))
+    return bad | (edges.cumsum(0)[:-1] > 0)
 
 
 def trained_batch(out: Rollout, scores: dict, noise_prompt: Tensor, args: Args) -> tuple[Batch, dict]:

@@ -990,6 +990,32 @@ def test_exported_lora_reproduces_the_trained_model():
     assert torch.allclose(sample(fresh), sample(trained), atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["tempflow", "flow_grpo", "branch_grpo"])
+def test_a_trunk_that_overflows_is_invalid_and_the_epoch_trains_on_the_rest(random_model, prompt_file, tmp_path,
+                                                                         monkeypatch, method):
+    """A rollout whose one trunk overflowed (NaN states, samples and log-probs from its first branch step on, as a
+    bf16 velocity can): its images are scored NaN by every reward, counted invalid, and their transitions dropped,
+    so that every optimizer step of the epoch trains on the rest (they were all skipped, and the NaN images scored
+    as valid: jpeg_compressibility ranked them best)."""
+    rollout, seen = tg.rollout, {}
+
+    def overflowing(*args, **kwargs):
+        out = rollout(*args, **kwargs)
+        hit = out.image_noise == 0  # every image of trunk 0...
+        rows = hit[out.image]       # ...and every transition that one of them scores
+        seen.update(images=int(hit.sum()), transitions=int(rows.sum()), total=len(out.y))
+        nan = lambda t, mask: torch.where(mask.view(-1, *[1] * (t.dim() - 1)), math.nan, t)  # noqa: E731
+        return out._replace(latents=nan(out.latents, hit), y=nan(out.y, rows), log_prob=nan(out.log_prob, rows))
+    monkeypatch.setattr(tg, "rollout", overflowing)
+    extra = ["--method", method, *{"flow_grpo": ["--seeds-per-prompt", "2"], "branch_grpo": ["--split-steps", "0,1"]}
+             .get(method, [])]
+    row = tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "1", "--optimizer-steps", "2",
+                              "--drop-zero-std", "--reward", "jpeg_compressibility", *extra))[0]
+    assert row["invalid"] == seen["images"] > 0 and row["skipped_updates"] == 0
+    assert 0 < row["transitions"] <= seen["total"] - seen["transitions"]
+    assert math.isfinite(row["loss"]) and all(torch.isfinite(t).all() for t in lora_of(tmp_path).values())
+
+
 def test_a_checkpoints_lora_loads_in_diffusers_as_trained(random_model, prompt_file, tmp_path, monkeypatch):
     """Every checkpoint holds its adapter in diffusers' format, alpha included: load_lora_weights(checkpoint) on a
     fresh pipeline gives the trainer's velocity (a checkpoint's peft file loaded as nothing, and by hand with alpha
