@@ -1529,12 +1529,12 @@ def run_config(args: Args, prompts: list[str]) -> dict:
 def check_out(args: Args, config: dict) -> str | None:
     """Refuse an --out that holds another run, this run without --resume, a --resume with nothing to resume or by
     another number of processes; writes nothing. Returns a note when a resume changes a memory lever."""
-    saved = Path(args.out) / "config.json"
-    if not saved.exists():
+    old = saved_config(args.out)
+    if old is None:
         check(not args.resume, f"--resume: --out {args.out} holds no run to resume (no config.json); check the "
               f"path, or leave out --resume to start a new run")
         return None
-    old, default = json.loads(saved.read_text()), defaults() | {"compile": "off", "prompt_draw": "independent"}
+    default = defaults() | {"compile": "off", "prompt_draw": "independent"}
     # a setting that did not exist when the run began had its default (runs before --compile ran eager, before
     # --prompt-draw drew independently); runs older than the digest compare paths
     before = {k: old.get(k, default.get(k)) for k in config}
@@ -1566,13 +1566,44 @@ def check_writable(path: str):
         raise SystemExit(f"error: --out {path!r}: cannot write in {str(existing)!r} ({err.strerror})") from None
 
 
+def saved_config(out: str) -> dict | None:
+    """The config.json of the run in --out; None if there is none, one line if it cannot be read."""
+    path = Path(out) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: --out {out}: its config.json cannot be read ({type(err).__name__}: "
+                         f"{str(err)[:80]}); move the folder aside or choose another --out") from None
+
+
 def write_config(out: Path, config: dict):
-    """The first process creates --out and writes config.json, once every process has checked the folder."""
+    """The first process creates --out and writes config.json atomically (a full disk leaves no half file), once
+    every process has checked the folder."""
     if dist.is_initialized():
         dist.barrier()
     if rank_and_world()[0] == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config, indent=1))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json.tmp").write_text(json.dumps(config, indent=1))
+            os.replace(out / "config.json.tmp", out / "config.json")
+        except OSError as err:
+            (out / "config.json.tmp").unlink(missing_ok=True)
+            raise SystemExit(f"error: --out {out}: cannot write config.json ({err.strerror})") from None
+
+
+def checkpoint_bytes(params: list[torch.nn.Parameter]) -> int:
+    """About what a checkpoint and lora/ take on disk: the LoRA, its two AdamW moments, its EMA, the EMA's export."""
+    return 5 * 4 * sum(p.numel() for p in params)
+
+
+def check_free_space(out: Path, params: list[torch.nn.Parameter]):
+    """Room in --out for two checkpoints (a new one is written before the last goes), or one line before epoch 0."""
+    existing = next(p for p in (out, *out.parents) if p.exists())  # (under torchrun, out may not be made yet)
+    need, free = 2 * checkpoint_bytes(params), shutil.disk_usage(existing).free
+    check(free >= need, f"--out {out}: {free / 2**20:,.0f} MiB free, and a checkpoint needs {need / 2**20:,.0f} "
+          f"MiB (two while one is written); free some space or choose another --out")
 
 
 def save_checkpoint(out: Path, transformer, params, optimizer, ema, gen: torch.Generator, state: dict):
@@ -1589,21 +1620,28 @@ def save_checkpoint(out: Path, transformer, params, optimizer, ema, gen: torch.G
         return
     root = out / "checkpoints"
     final, tmp = root / f"epoch_{state['epoch']:06d}", root / f"epoch_{state['epoch']:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_lora(transformer, tmp)  # the live weights, which training resumes from
-    rng = dict(gens=gens, torch=torch.get_rng_state(),
-               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    torch.save(dict(optimizer=optimizer.state_dict(), rng=rng, ema=ema.state_dict() if ema else None),
-               tmp / "optimizer_rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_lora(transformer, tmp)  # the live weights, which training resumes from
+        rng = dict(gens=gens, torch=torch.get_rng_state(),
+                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+        torch.save(dict(optimizer=optimizer.state_dict(), rng=rng, ema=ema.state_dict() if ema else None),
+                   tmp / "optimizer_rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
+        with ema_weights(ema, params):  # evaluation's and the export's weights
+            save_lora(transformer, out / "lora.tmp")
+    except BaseException as err:  # a full disk, or a second Ctrl-C: no partial folder stays to fill it
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out / "lora.tmp", ignore_errors=True)
+        if isinstance(err, RuntimeError):  # torch.save's failed write ("PytorchStreamWriter failed writing ...")
+            raise OSError(str(err).strip().splitlines()[0]) from err
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in root.glob("epoch_*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
-    with ema_weights(ema, params):  # evaluation's and the export's weights
-        save_lora(transformer, out / "lora.tmp")
     shutil.rmtree(out / "lora", ignore_errors=True)
     os.replace(out / "lora.tmp", out / "lora")
 
@@ -1710,9 +1748,9 @@ def prepare(args: Args) -> tuple[Args, dict, list, list, str | None]:
     every model looked at. Returns the settings, config.json's content, the (line, prompt) pairs of the training and
     evaluation files, and a note on what a resume changes."""
     args = finalize(args)
-    saved = Path(args.out) / "config.json"
-    if args.resume and saved.exists():  # a run resumes with its own prompt draw (runs before the setting: independent)
-        args.prompt_draw = json.loads(saved.read_text()).get("prompt_draw", "independent")
+    saved = saved_config(args.out) if args.resume else None
+    if saved:  # a run resumes with its own prompt draw (runs before the setting: independent)
+        args.prompt_draw = saved.get("prompt_draw", "independent")
     prompts = numbered_prompts(args.prompt_file)
     eval_prompts = numbered_prompts(args.eval_prompt_file, "--eval-prompt-file") if args.eval_prompt_file else []
     check_writable(args.out)
@@ -1824,6 +1862,7 @@ def start(args: Args) -> tuple[Run, Args, dict]:
         pipe, params, optimizer, ema, reward_fn, eval_fn = setup(args, device)
     (rank, world), out = rank_and_world(), Path(args.out)
     write_config(out, config)
+    check_free_space(out, params)
     tracker = open_tracker(args.wandb, config, out, args.resume) if args.wandb and rank == 0 else Tracker()
     sigmas = sigma_grid(pipe.scheduler, args.steps, args.shift).to(device)
     branch_steps = parse_branch_steps(args.branch_steps, args.steps)
@@ -1902,10 +1941,20 @@ def pending_row(run: Run, args: Args, state: dict) -> list[dict]:
     return [row]
 
 
-def checkpoint(run: Run, state: dict):
-    """save_checkpoint of the run where state says it stands (its epoch: the next to run)."""
-    save_checkpoint(run.out, run.pipe.transformer, run.params, run.optimizer, run.ema, run.gen,
-                    dict(state, processes=rank_and_world()[1]))
+def checkpoint(run: Run, args: Args, state: dict):
+    """save_checkpoint of the run where state says it stands (its epoch: the next to run). A write that fails (a
+    full disk) ends the run with one line: why, that the last checkpoint is intact, and the command that resumes
+    from it."""
+    try:
+        save_checkpoint(run.out, run.pipe.transformer, run.params, run.optimizer, run.ema, run.gen,
+                        dict(state, processes=rank_and_world()[1]))
+    except OSError as err:
+        full = shutil.disk_usage(run.out).free < checkpoint_bytes(run.params)
+        last = last_checkpoint(run.out)
+        raise SystemExit(f"error: checkpoint epoch_{state['epoch']:06d} could not be written in {run.out} ("
+                         f"{'the disk is full' if full else str(err)[:100]}); "
+                         f"{f'the last one, {last.name}, is intact' if last else 'no checkpoint was written yet'}; "
+                         f"with room again: {resume_command(args, rank_and_world()[1])}") from None
 
 
 def run_epoch(run: Run, args: Args, epoch: int, state: dict, once: dict) -> tuple[dict, tuple, Exception | None]:
@@ -1921,7 +1970,7 @@ def run_epoch(run: Run, args: Args, epoch: int, state: dict, once: dict) -> tupl
         except RewardServerError as err:  # in every process at once: the epoch is dropped, its start saved
             run.gen.set_state(gen_state)
             torch.set_rng_state(rng_state)
-            checkpoint(run, state)
+            checkpoint(run, args, state)
             server_down(err, args, f"in epoch {epoch}")
         with timer("train_s"):
             stats = update(run.pipe.transformer, run.params, run.optimizer, batch, embeds, run.sigmas, run.step_weight,
@@ -1965,13 +2014,13 @@ def train(args: Args) -> list[dict]:
         state = dict(epoch=epoch + 1, metrics_rows=state["metrics_rows"] + 1, nfe=row["nfe"], wall_s=row["wall_s"])
         if outage:  # the epoch trained: it is saved with its row, which --resume completes with the evaluation
             save_samples(run, args, epoch, samples, last)
-            checkpoint(run, dict(state, metrics_rows=state["metrics_rows"] - 1, pending=row))
+            checkpoint(run, args, dict(state, metrics_rows=state["metrics_rows"] - 1, pending=row))
             server_down(outage, args, f"in epoch {epoch}'s evaluation", evaluating=True)
         publish(run, args, row, samples, last)
         stopping = all_sum(bool(stop.signum)) > 0  # a signal to any process stops all after this epoch
         failure = reward_failure(row, args, f"in epoch {epoch}")
         if (epoch + 1) % args.save_every == 0 or last or stopping or failure:
-            checkpoint(run, state)
+            checkpoint(run, args, state)
         with said_once():
             check(not failure, f"{failure}; the epoch's checkpoint is saved")
         if stopping:

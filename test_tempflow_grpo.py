@@ -799,17 +799,19 @@ def test_out_folder_of_another_run_is_refused(random_model, prompt_file, tmp_pat
 
 
 def test_checkpoint_interrupted_mid_write_leaves_the_previous_one(random_model, prompt_file, tmp_path, monkeypatch):
-    """A crash while writing a checkpoint leaves the previous complete checkpoint loadable by --resume."""
+    """A crash while writing a checkpoint (here a failed write, then what a kill -9 mid-write leaves: a partial
+    .tmp folder) leaves the previous complete checkpoint loadable by --resume."""
     tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "1"))
     before = lora_of(tmp_path)
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
     monkeypatch.setattr(tg.torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit, match="epoch_000001, is intact"):
         tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "2", "--resume"))
     monkeypatch.undo()
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] != ["epoch_000001"]  # the half-written one is there
+    (tmp_path / "checkpoints" / "epoch_000002.tmp").mkdir()  # a kill -9 mid-write
+    (tmp_path / "checkpoints" / "epoch_000002.tmp" / tg.LORA_FILE).write_bytes(b"half")
     pipe = tiny_world.build_tiny_pipeline(0)
     tg.add_lora(pipe.transformer, json.loads((tmp_path / "config.json").read_text())["lora_rank"])
     optimizer = torch.optim.AdamW([p for p in pipe.transformer.parameters() if p.requires_grad])
@@ -835,6 +837,46 @@ def test_sigint_saves_a_checkpoint_and_exits_non_zero(random_model, prompt_file,
     state = json.loads(next((tmp_path / "checkpoints").glob("epoch_*")).joinpath("state.json").read_text())
     assert 1 <= state["epoch"] < 1000 and state["metrics_rows"] == len(metrics.read_text().splitlines())
     assert (tmp_path / "lora" / tg.LORA_FILE).exists()  # the adapter of a stopped run, as of its checkpoint
+
+
+def test_a_full_disk_is_one_line_with_the_last_checkpoint_intact_and_the_command_that_resumes(
+        random_model, prompt_file, tmp_path, monkeypatch):
+    """A checkpoint whose write fails on a full disk (torch.save's 28-line RuntimeError) ends the run with one line
+    that says so, names the intact last checkpoint and the resume command, and leaves no partial folder; with room
+    again that command finishes the run. Too little room for a checkpoint is one line before the first epoch, and a
+    config.json left empty by a full disk one line at the next start, fresh or resumed."""
+    import shutil
+
+    usage, save, full = shutil.disk_usage, torch.save, []
+
+    def saving(obj, path, *args, **kwargs):
+        if "epoch_000002" in str(path):
+            full.append(True)
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\nmore lines")
+        return save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", saving)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=0) if full else usage(path))
+    with pytest.raises(SystemExit) as err:
+        tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "3"))
+    message = str(err.value)
+    assert "\n" not in message and "the disk is full" in message and "epoch_000001" in message and "intact" in message
+    assert "--resume" in message and "--epochs 3" in message
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch_000001"]
+    assert not (tmp_path / "lora.tmp").exists() and (tmp_path / "lora" / tg.LORA_FILE).exists()
+    monkeypatch.undo()
+    rows = tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "3", "--resume"))
+    assert [row["epoch"] for row in rows] == [1, 2]
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=2**20))
+    with pytest.raises(SystemExit, match="1 MiB free, and a checkpoint needs"):
+        tg.train(quick_args(random_model, prompt_file, tmp_path / "small", "--epochs", "1"))
+    assert not (tmp_path / "small" / "metrics.jsonl").exists()
+    monkeypatch.undo()
+    (tmp_path / "config.json").write_text("")
+    for resume in ([], ["--resume"]):
+        with pytest.raises(SystemExit, match="config.json cannot be read") as err:
+            tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "4", *resume))
+        assert "\n" not in str(err.value)
 
 
 def test_kill_9_loses_at_most_one_epoch(random_model, prompt_file, tmp_path):
