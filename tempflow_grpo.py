@@ -1543,7 +1543,7 @@ def check_out(args: Args, config: dict) -> str | None:
     changed = [f"{flag(k)} {before[k]!r} -> {config[k]!r}" for k in sorted(config) if k not in ignored
                and before[k] != config[k]]
     check(not changed, f"--out {args.out} holds a run with another configuration ({', '.join(changed[:3])}"
-          f"{', ...' if len(changed) > 3 else ''}); choose another --out or remove it")
+          f"{', ...' if len(changed) > 3 else ''}); choose another --out")
     check(args.resume, f"--out {args.out} already holds this run; pass --resume to continue it or choose another --out")
     last, world = last_checkpoint(Path(args.out)), int(os.environ.get("WORLD_SIZE", 1))
     processes = json.loads((last / "state.json").read_text()).get("processes", 1) if last else world
@@ -1874,7 +1874,10 @@ def start(args: Args) -> tuple[Run, Args, dict]:
     run = Run(pipe, params, optimizer, ema, reward_fn, eval_fn, sigmas, branch_steps,
               step_weights(args, sigmas, branch_steps), gen, out, tracker, [p for _, p in prompts],
               [p for _, p in eval_prompts], compile_s)
-    return run, args, resume_state(run, args)
+    state = resume_state(run, args)
+    if args.resume:
+        print0(f"--resume: {args.out} continues at epoch {state['epoch']} of {args.epochs}")
+    return run, args, state
 
 
 def evaluated(run: Run, args: Args, name: str) -> dict:
