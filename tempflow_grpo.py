@@ -880,6 +880,9 @@ def save_lora(transformer, folder: Path):
     StableDiffusion3Pipeline.save_lora_weights(
         folder, transformer_lora_layers=get_peft_model_state_dict(transformer), weight_name=LORA_FILE,
         transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    umask = os.umask(0)  # safetensors leaves its file 0600; the LoRA is shared as every other output is
+    os.umask(umask)
+    (folder / LORA_FILE).chmod(0o666 & ~umask)
 
 
 # the official code's EMA of the LoRA weights: its largest decay and its interval in optimizer steps

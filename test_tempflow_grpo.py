@@ -1075,7 +1075,8 @@ def test_a_checkpoints_lora_loads_in_diffusers_as_trained(random_model, prompt_f
     base = velocity(load(random_model))
     assert not torch.allclose(velocity(pipes[0]), base, atol=1e-4), "the LoRA changes nothing: the test is empty"
     torch.testing.assert_close(velocity(fresh), velocity(pipes[0]), rtol=1e-5, atol=1e-6)
-    assert (tmp_path / "lora" / tg.LORA_FILE).exists()
+    lora, config = (tmp_path / "lora" / tg.LORA_FILE).stat(), (tmp_path / "config.json").stat()
+    assert lora.st_mode == config.st_mode  # readable as every other output (safetensors writes 0600)
 
 
 def test_a_bf16_pipeline_runs_cudas_dtype_path_on_the_cpu(random_model, prompt_file, tmp_path, monkeypatch):
