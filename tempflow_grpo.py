@@ -1507,7 +1507,7 @@ def summary(out: Path) -> str:
 
 # A resume may change where the run is and what it logs, evaluates or saves...
 RESUMABLE = {"out", "resume", "epochs", "save_every", "eval_every", "image_every", "eval_prompt_file", "eval_steps",
-             "max_nfe", "wandb", "eval_reward", "reward_wait"}
+             "max_nfe", "wandb", "eval_reward", "reward_wait", "ran_with"}
 
 
 # ... and the memory levers and --compile: they change the order of floating-point sums (compiled kernels round
@@ -1524,9 +1524,17 @@ def last_checkpoint(out: Path) -> Path | None:
 
 
 def run_config(args: Args, prompts: list[str]) -> dict:
-    """What config.json holds: every setting, and a digest of the training prompts, so that a moved or re-saved
-    prompt file is the same data and an edited one is not."""
-    return dict(asdict(args), prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest())
+    """What config.json holds: every setting, a digest of the training prompts, so that a moved or re-saved prompt
+    file is the same data and an edited one is not, and what ran it (the libraries' versions, this file's commit)."""
+    import subprocess
+    from importlib.metadata import version
+
+    git = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+                         text=True) if shutil.which("git") else None
+    commit = git.stdout.strip() if git and git.returncode == 0 else None  # None: not a git checkout
+    ran_with = {name: version(name) for name in ("torch", "diffusers", "transformers", "peft")}
+    return dict(asdict(args), prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+                ran_with=dict(ran_with, python=sys.version.split()[0], commit=commit))
 
 
 def check_out(args: Args, config: dict) -> str | None:

@@ -921,7 +921,8 @@ def test_run_writes_config_metrics_evaluations_images_and_lora(random_model, pro
               "ratio_mean", "zero_std_frac", "eval_reward"}
     assert all(fields <= row.keys() for row in rows) and rows[1]["nfe"] > rows[0]["nfe"] > 0
     assert "base_eval_reward" in rows[0] and "base_eval_reward" not in rows[1]
-    assert json.loads((tmp_path / "config.json").read_text())["rollout"] == "branch"
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rollout"] == "branch" and config["ran_with"]["torch"] == torch.__version__  # and what ran it
     assert len(list((tmp_path / "images").glob("*.png"))) == 5  # base, 2 evaluations, 2 sample grids
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
     from PIL import Image
