@@ -1962,6 +1962,16 @@ def checkpoint(run: Run, args: Args, state: dict):
     try:
         save_checkpoint(run.out, run.pipe.transformer, run.params, run.optimizer, run.ema, run.gen,
                         dict(state, processes=rank_and_world()[1]))
+        if rank_and_world()[0] == 0:  # how to sample with it: the T5 length training used is not the pipeline's
+            (run.out / "lora" / "README.md").write_text(textwrap.dedent(f"""\
+                The EMA LoRA of {run.out} after {state['epoch']} epoch(s). To sample with it in diffusers:
+
+                    pipe = StableDiffusion3Pipeline.from_pretrained({args.model!r}, dtype=torch.bfloat16)
+                    pipe.to("cuda").load_lora_weights({str(run.out / 'lora')!r})
+                    image = pipe(prompt, num_inference_steps={args.eval_steps}, guidance_scale={args.guidance},
+                                 max_sequence_length={t5_length(run.pipe)}, height={args.resolution},
+                                 width={args.resolution}).images[0]
+                """))
     except OSError as err:
         full = shutil.disk_usage(run.out).free < checkpoint_bytes(run.params)
         last = last_checkpoint(run.out)

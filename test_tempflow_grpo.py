@@ -1076,6 +1076,8 @@ def test_a_checkpoints_lora_loads_in_diffusers_as_trained(random_model, prompt_f
     base = velocity(load(random_model))
     assert not torch.allclose(velocity(pipes[0]), base, atol=1e-4), "the LoRA changes nothing: the test is empty"
     torch.testing.assert_close(velocity(fresh), velocity(pipes[0]), rtol=1e-5, atol=1e-6)
+    t5 = f"max_sequence_length={tg.t5_length(pipes[0])}"  # the T5 length trained with, not the pipeline's default
+    assert t5 in (tmp_path / "lora" / "README.md").read_text()
     lora, config = (tmp_path / "lora" / tg.LORA_FILE).stat(), (tmp_path / "config.json").stat()
     assert lora.st_mode == config.st_mode  # readable as every other output (safetensors writes 0600)
 
