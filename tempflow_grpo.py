@@ -119,14 +119,15 @@ class Args:
     branch_grpo (tree, uniform, seed: a group is one depth of one tree, group std; arXiv 2509.06040)"""
     rollout: str = ""
     """branch: ODE trunk with G SDE branches per branch step (method 3); sde: SDE at every branch step (method 7);
-    tree: sde whose rows fork at the --split-steps, BranchGRPO's tree"""
+    tree: sde whose rows fork at the --split-steps, BranchGRPO's tree; empty: --method's"""
     weighting: str = ""
-    """noise: w_k = std_k / mean_j std_j (method 5); uniform: w_k = 1"""
+    """noise: w_k = std_k / mean_j std_j (method 5); uniform: w_k = 1; empty: --method's"""
     group: str = ""
-    """seed: advantages over the G branches of one (prompt, seed, k); prompt: over all S*G samples of (prompt, k)"""
+    """seed: advantages over the G branches of one (prompt, seed, k); prompt: over all S*G samples of (prompt, k);
+    empty: --method's"""
     adv_std: str = ""
     """group: A divides by each group's std (TempFlow); global: by the std of all the epoch's rewards, the mean
-    still per group (Flow-GRPO's SD3 configs, method 7)"""
+    still per group (Flow-GRPO's SD3 configs, method 7); empty: --method's"""
 
     # ---- sampling
     steps: int = 10

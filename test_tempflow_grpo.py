@@ -2070,6 +2070,7 @@ def test_gpu_script_caps_memory_on_an_indexed_device(monkeypatch):
     gpu.cap_memory(141)
     assert fractions == [0.25, pytest.approx(80 / 96), 1.0]
 
+
 def test_the_plan_counts_a_small_model_as_by_hand():
     """bench/plan.py's meter, on the meta device under CUDA's autocast rules, gives a count by hand. A chain of N
     frozen bf16 linear layers, each followed by GELU, after a float32 scale that trains: at its peak (the end of
