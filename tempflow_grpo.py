@@ -1224,7 +1224,9 @@ def drawn_prompts(count: int, args: Args, epoch: int, gen: torch.Generator) -> l
     share = args.prompts_per_epoch // world
     if args.prompt_draw == "independent":
         return torch.randint(count, (share,), generator=gen, device=gen.device).tolist()
-    shared = torch.Generator().manual_seed(args.seed * 2**32 + epoch)  # apart from every process's (seed + rank)
+    # a seed of its own for each (seed, epoch), apart from every process's seed + rank (torch keeps 32 bits of one)
+    shared = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"prompts {args.seed} {epoch}".encode())
+                                                          .digest()[:4], "little"))
     order = torch.cat([torch.randperm(count, generator=shared) for _ in range(-(-args.prompts_per_epoch // count))])
     return order[rank * share:(rank + 1) * share].tolist()
 

@@ -1371,12 +1371,13 @@ def test_an_epochs_prompts_are_one_shared_permutation_split_over_the_processes(r
                                                                              monkeypatch):
     """The official prompt draw (--prompt-draw shared, the default): an epoch's prompts are distinct, the same
     permutation in every process whatever its own generator, split in rank order so that no two processes share one
-    and together they are the one-process draw; another epoch, another permutation; a file shorter than the epoch
+    and together they are the one-process draw; another epoch or --seed, another permutation; a file shorter than the epoch
     gives every prompt before any twice. A run begun before the setting resumes with its independent draw."""
     args = tg.finalize(tg.Args(prompt_file=prompt_file, prompts_per_epoch=4))
     whole = tg.drawn_prompts(10, args, 3, torch.Generator().manual_seed(5))
     assert len(set(whole)) == 4 and all(0 <= j < 10 for j in whole)
     assert tg.drawn_prompts(10, args, 4, torch.Generator().manual_seed(5)) != whole
+    assert tg.drawn_prompts(10, replace(args, seed=1), 3, torch.Generator().manual_seed(5)) != whole  # another seed
     shares = []
     for rank in range(2):
         monkeypatch.setattr(tg, "rank_and_world", lambda rank=rank: (rank, 2))
