@@ -2224,7 +2224,8 @@ def test_a_shortened_world_build_runs_end_to_end(tmp_path):
 def test_a_short_tiny_run_raises_the_reward_above_the_base_model(tmp_path):
     """30 epochs of --tiny TempFlow-GRPO raise the evaluation reward (one ODE sample per caption of the grammar,
     fixed noise), averaged over the evaluations after epochs 20 and 30, clearly above the base model's: by
-    0.087 (seed 0, this test's) and 0.162 (seed 1) when it was written; it asks for 0.05."""
+    0.087 (seed 0, this test's) and 0.162 (seed 1) when it was written, with --prompt-draw independent; it asks for
+    0.05."""
     rows = tg.train(tg.parse_args(["--tiny", "--prompt-file", str(tg.TINY_WORLD.parent / "prompts.txt"),
                                    "--out", str(tmp_path), "--epochs", "30", "--eval-every", "10",
                                    "--eval-steps", "10"]))
