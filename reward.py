@@ -331,6 +331,7 @@ def load_plugin(name: str, flag: str = "--reward") -> RewardFn:
 
 
 def first_line(err: BaseException) -> str:
+    """An error's message in one line of at most 200 characters (a SyntaxError's without its file and line)."""
     return (str(getattr(err, "msg", None) or err).strip().splitlines() or [""])[0][:200]
 
 
@@ -515,14 +516,14 @@ def check_rewards(spec: str, flag: str, prompt: str, wait: float):
     """Before anything loads: every plug-in of a spec scores two small grey images (check_plugin), and every server
     one, with `prompt`, or one line names the plug-in or URL and what went wrong."""
     for name, _ in parse_spec(spec, flag):
-        if ".py:" in name and not is_url(name):
-            check_plugin(name, flag, prompt)
-        elif is_url(name):
+        if is_url(name):  # as parse_spec reads a name: a URL first, then a plug-in
             try:
                 server_reward(name, wait, retry=False)(torch.full((1, 3, 64, 64), 0.5), [prompt])
             except RewardServerError as err:
                 raise SystemExit(f"error: {flag} {err}; is the server running? (python reward.py serve REWARD "
                                  f"--port PORT starts one)") from None
+        elif ".py:" in name:
+            check_plugin(name, flag, prompt)
 
 
 def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", dtype: str = "float32"):

@@ -81,7 +81,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from reward import RewardServerError, check_rewards, load_reward, parse_spec, required_models, to_pil
+from reward import RewardServerError, check_rewards, first_line, load_reward, parse_spec, required_models, to_pil
 
 
 # =====================================================================================================
@@ -853,8 +853,7 @@ def compile_transformer(transformer, warm_up, backend: str = "inductor") -> floa
     except Exception as err:
         eager(transformer)
         err = getattr(err, "inner_exception", None) or err  # what a backend raised, inside dynamo's wrapper
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
-        print0(f"warning: --compile failed ({type(err).__name__}: {reason}); the run goes on eager")
+        print0(f"warning: --compile failed ({type(err).__name__}: {first_line(err)}); the run goes on eager")
         return None
     finally:
         transformer.zero_grad(set_to_none=True)  # the warm-up's backward leaves nothing behind
@@ -1233,9 +1232,9 @@ def drawn_prompts(count: int, args: Args, epoch: int, gen: torch.Generator) -> l
 
 def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor, branch_steps: list[int],
             gen: torch.Generator, timer: "Timer", epoch: int = 0) -> tuple[Batch, PromptEmbeds, dict, tuple]:
-    """Sample this process's share of epoch `epoch` (method 3, 7 or 8) in chunks of --rollout-prompts prompts, each decoded
-    and scored as it finishes, so that GPU memory does not grow with the epoch; the recorded transitions wait on
-    the CPU. Then the rewards become advantages (method 4). Also returns up to 32 images, with captions, for a grid.
+    """Sample this process's share of epoch `epoch` (method 3, 7 or 8) in chunks of --rollout-prompts prompts, each
+    decoded and scored as it finishes, so that GPU memory does not grow with the epoch; the recorded transitions wait
+    on the CPU. Then the rewards become advantages (method 4). Also returns up to 32 images, with captions, for a grid.
     A reward server's failure in any process raises RewardServerError in every process."""
     world = rank_and_world()[1]
     prompts = [prompt_list[j] for j in drawn_prompts(len(prompt_list), args, epoch, gen)]
@@ -1513,6 +1512,10 @@ RESUMABLE = {"out", "resume", "epochs", "save_every", "eval_every", "image_every
              "max_nfe", "wandb", "eval_reward", "reward_wait", "ran_with"}
 
 
+# What runs begun before a setting existed ran with: a resume compares and continues with these
+BEFORE_SETTING = {"compile": "off", "prompt_draw": "independent"}
+
+
 # ... and the memory levers and --compile: they change the order of floating-point sums (compiled kernels round
 # differently) and of the chunks' noise draws, not what training computes, so the run goes on, though not
 # bit-identically to an uninterrupted one
@@ -1548,9 +1551,9 @@ def check_out(args: Args, config: dict) -> str | None:
         check(not args.resume, f"--resume: --out {args.out} holds no run to resume (no config.json); check the "
               f"path, or leave out --resume to start a new run")
         return None
-    default = defaults() | {"compile": "off", "prompt_draw": "independent"}
-    # a setting that did not exist when the run began had its default (runs before --compile ran eager, before
-    # --prompt-draw drew independently); runs older than the digest compare paths
+    default = defaults() | BEFORE_SETTING
+    # a setting that did not exist when the run began had its default, or BEFORE_SETTING's; runs older than the
+    # digest compare paths
     before = {k: old.get(k, default.get(k)) for k in config}
     ignored = RESUMABLE | MEMORY_LEVERS | ({"prompt_file"} if "prompts_sha256" in old else {"prompts_sha256"})
     flag = lambda k: "the prompts" if k == "prompts_sha256" else "--" + k.replace("_", "-")  # noqa: E731
@@ -1649,7 +1652,7 @@ def save_checkpoint(out: Path, transformer, params, optimizer, ema, gen: torch.G
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(out / "lora.tmp", ignore_errors=True)
         if isinstance(err, RuntimeError):  # torch.save's failed write ("PytorchStreamWriter failed writing ...")
-            raise OSError(str(err).strip().splitlines()[0]) from err
+            raise OSError(first_line(err)) from err
         raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -1763,8 +1766,8 @@ def prepare(args: Args) -> tuple[Args, dict, list, list, str | None]:
     evaluation files, and a note on what a resume changes."""
     args = finalize(args)
     saved = saved_config(args.out) if args.resume else None
-    if saved:  # a run resumes with its own prompt draw (runs before the setting: independent)
-        args.prompt_draw = saved.get("prompt_draw", "independent")
+    if saved:  # a run resumes with its own prompt draw
+        args.prompt_draw = saved.get("prompt_draw", BEFORE_SETTING["prompt_draw"])
     prompts = numbered_prompts(args.prompt_file)
     eval_prompts = numbered_prompts(args.eval_prompt_file, "--eval-prompt-file") if args.eval_prompt_file else []
     check_writable(args.out)

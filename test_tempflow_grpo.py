@@ -1241,8 +1241,8 @@ def test_a_compiled_run_trains_as_the_eager_one_and_compiles_only_before_its_fir
     from torch._dynamo.utils import counters
 
     runs, graphs, pipes = {}, [], []
-    rollout, trained_batch, add_lora, compile_transformer = tg.rollout, tg.trained_batch, tg.add_lora, tg.compile_transformer
-    load = tg.load_pipeline
+    rollout, trained_batch, add_lora, load = tg.rollout, tg.trained_batch, tg.add_lora, tg.load_pipeline
+    compile_transformer = tg.compile_transformer
     def spy_rollout(*args, **kwargs):
         out = rollout(*args, **kwargs)
         runs[name]["log_prob"].append(out.log_prob.cpu())
@@ -1371,8 +1371,8 @@ def test_an_epochs_prompts_are_one_shared_permutation_split_over_the_processes(r
                                                                              monkeypatch):
     """The official prompt draw (--prompt-draw shared, the default): an epoch's prompts are distinct, the same
     permutation in every process whatever its own generator, split in rank order so that no two processes share one
-    and together they are the one-process draw; another epoch or --seed, another permutation; a file shorter than the epoch
-    gives every prompt before any twice. A run begun before the setting resumes with its independent draw."""
+    and together they are the one-process draw; another epoch or --seed, another permutation; a file shorter than
+    the epoch gives every prompt before any twice. A run begun before the setting resumes with its independent draw."""
     args = tg.finalize(tg.Args(prompt_file=prompt_file, prompts_per_epoch=4))
     whole = tg.drawn_prompts(10, args, 3, torch.Generator().manual_seed(5))
     assert len(set(whole)) == 4 and all(0 <= j < 10 for j in whole)
