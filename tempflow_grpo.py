@@ -12,7 +12,8 @@ Branching"). The reward of a branch's image is the process reward of step k, so 
 G branches of one (prompt, seed, k). The clipped GRPO loss (Flow-GRPO, arXiv 2505.05470, Eq. 5) on each recorded
 transition x_k -> y is weighted by w_k, the SDE std of step k over its mean ("Noise-Aware Policy Weighting"), plus
 beta times the exact KL to the base model (LoRA switched off). README.md, "The method, formula by formula", states
-each formula with its source; comments cite its items as (method n).
+each formula with its source; comments cite its items as (method n). This file holds every line that decides a
+number a run produces; plumbing.py moves, checks, shows and keeps the run.
 
 Notation (code -> paper):
     sigmas[i]         s_i, noise level of grid index i; s_0 = 1 (noise) > ... > s_T = 0 (image)
@@ -32,62 +33,47 @@ Notation (code -> paper):
 Shape letters: N initial noises (trunks), M final images, K recorded transitions, C, H, W a latent's channels,
 height and width, P prompts, L prompt tokens, D embedding width.
 
-Deliberate departures from the paper or the official code (each a flag where it is a choice):
-  1. log pi is averaged, not summed, over the latent's C*H*W elements (the official convention; method 2).
-  2. w_k is computed from the grid; one public script multiplies std_k by a hard-coded 2.25 instead (about 1 / the
-     mean std of the reference grid, 0.1% off; method 5).
-  3. A trunk stops after the last branch step, as the method's cost counts it (max(B) + 1 trunk evaluations).
-  4. A sample with a non-finite reward, image, y or old log-prob is left out of its group and counted as invalid
-     (the official code has no such case; not_finite); zero advantages follow the official rule (method 6,
-     `trained_images`).
-  5. The Flow-GRPO rollout takes the SDE at the trained steps (all but the last) and the ODE at the last.
-  6. Latents are float32 throughout; a bf16 pipeline (CUDA's) runs under bf16 autocast, the step math in float32.
-  7. Rewards enter the advantages as they are; the official code divides PickScore by 26 first, which only the
-     1e-4 in the std's denominator notices (it weighs 26x more against the spread there).
-  8. The reference epoch's 48 prompts are accumulated on one GPU, or split over torchrun's processes, where the
-     official run used 48 GPUs; drawn as its sampler draws them (drawn_prompts), the update they make is the same.
-  9. --sampler cps scores a transition by its Gaussian density, as the SDE does; Flow-GRPO's cps code drops the
-     1 / (2 std_k^2) and -log std_k, so its log-ratios are 2 std_k^2 times these (sde_step).
- 10. The KL divides by 2 std_k^2 under every method, as TempFlow-GRPO's code and Flow-GRPO's before July 2025 do;
-     Flow-GRPO's current code divides by 2 sigma_k^2 (no sqrt(-dt_k)), a KL -dt_k times this one (1/25 at k = 0 to
-     1/3.7 at k = 8 on the reference grid), so the same beta regularises less there.
- 11. --method branch_grpo (arXiv 2509.06040) fuses rewards by the plain mean of a node's leaves (the paper may
-     weight them by path probability), takes the ODE at the last step as Flow-GRPO here does, and trains every
-     node's transition unless --prune-width or --prune-depth says otherwise.
- 12. --tiny changes the model, reward, resolution and the optimisation settings listed in TINY below, each
-     chosen by a measurement given there and in bench/README.md.
+Departures from the paper or the official code, cited as (departure n); README.md, "Departures", gives each in full:
+  1. log pi is averaged, not summed, over a latent's C*H*W elements (the official convention).
+  2. w_k is computed from the grid, not from a hard-coded 2.25.
+  3. A trunk stops after the last branch step.
+  4. A sample with a non-finite reward, image, y or old log-prob leaves its group, counted as invalid.
+  5. The Flow-GRPO rollout takes the SDE at the trained steps and the ODE at the last.
+  6. Latents and step math are float32; a bf16 pipeline runs under bf16 autocast.
+  7. Rewards enter the advantages unscaled.
+  8. The reference epoch's 48 prompts are accumulated on one GPU, drawn as the official sampler draws them.
+  9. --sampler cps scores a transition by its Gaussian density.
+ 10. The KL divides by 2 std_k^2 under every method.
+ 11. BranchGRPO fuses a node's rewards by the plain mean of its leaves and trains every node unless pruned.
+ 12. --tiny changes the model, reward, resolution and the optimisation settings in TINY, each by a measurement.
 """
 import copy
-import datetime
 import hashlib
-import json
-import logging
 import math
-import os
-import shlex
-import shutil
-import signal
 import sys
-import tempfile
-import textwrap
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
+from diffusers.training_utils import EMAModel, cast_training_params, offload_models
 from torch import Tensor
-from tqdm.auto import tqdm
-
-from reward import RewardServerError, check_rewards, first_line, load_reward, parse_spec, required_models, to_pil
 
 
-# =====================================================================================================
-# Configuration: every setting, its default (the papers' reference recipe where it has one) and its meaning.
-# tyro makes the command line from these fields; their docstrings are its --help.
-# =====================================================================================================
+# The run's plumbing: none of these changes a number of a one-process run; gather, all_sum, agree, sum_gradients and
+# mean_over_processes make torchrun's N processes compute the one-process step.
+from plumbing import (agree, all_sum, captioned, check, check_settings, close_processes, compile_transformer,
+                      describe_epoch, ema_weights, gather, grid_picks, init_distributed, load_models,
+                      mean_over_processes, memory_advice, parse_steps, preflight, print0, progress, prompt_cuts,
+                      rank_and_world, resume_command, reward_failure, reward_metrics, RunFolder, said_once, save_grid,
+                      sum_gradients, Timer, without_truncation_warnings)
+from reward import RewardServerError
+
+
+# ======== Settings: each with its default (the papers' recipe where it has one); its docstring is its --help
 
 
 @dataclass
@@ -98,16 +84,13 @@ class Args:
     out: str = "runs/tempflow"
     """output folder: config.json, metrics.jsonl, checkpoints/, the final LoRA in lora/"""
     tiny: bool = False
-    """the CPU demo: the tiny world (tiny_world/pipeline), geneval_toy, 64 px and TINY's settings as defaults,
-    which `--tiny --help` shows (from Python: Args(**TINY, tiny=True, ...))"""
+    """the CPU demo: tiny_world/pipeline, geneval_toy, 64 px, TINY's defaults (Python: Args(**TINY, tiny=True))"""
     model: str = "stabilityai/stable-diffusion-3.5-medium"
     """diffusers StableDiffusion3Pipeline: a hub id or a local folder"""
     reward: str = "pickscore"
-    """reward spec: name[:weight],... or path/to/file.py:function or http://host:port/path, a reward server; see
-    reward.py"""
+    """reward spec: name[:weight],..., path/to/file.py:function or a server's http://host:port/path; reward.py"""
     reward_wait: float = 300.0
-    """seconds a reward server may take to answer, retries of one that does not included; then the run saves its
-    last complete epoch and stops, for --resume"""
+    """seconds a reward server may take, retries included; then the run saves its last epoch and stops (--resume)"""
     seed: int = 0
     """seed of prompt order, initial noise and SDE noise"""
     epochs: int = 1000
@@ -123,18 +106,15 @@ class Args:
     weighting: str = ""
     """noise: w_k = std_k / mean_j std_j (method 5); uniform: w_k = 1; empty: --method's"""
     group: str = ""
-    """seed: advantages over the G branches of one (prompt, seed, k); prompt: over all S*G samples of (prompt, k);
-    empty: --method's"""
+    """seed: advantages over the G branches of a (prompt, seed, k); prompt: over (prompt, k)'s S*G; empty: --method's"""
     adv_std: str = ""
-    """group: A divides by each group's std (TempFlow); global: by the std of all the epoch's rewards, the mean
-    still per group (Flow-GRPO's SD3 configs, method 7); empty: --method's"""
+    """group: A divides by its group's std; global: by the epoch's std (Flow-GRPO, method 7); empty: --method's"""
 
     # ---- sampling
     steps: int = 10
     """T, sampling steps of the rollout (paper: 10)"""
     shift: float = 0.0
-    """the sigma grid's time shift in rollout and training (0: the model scheduler's own, 3 for SD3.5); evaluation
-    keeps the model's, so that runs with other shifts are measured alike"""
+    """the grid's time shift in rollout and training (0: the scheduler's own, 3 for SD3.5); evaluation keeps its own"""
     branch_steps: str = ""
     """B, the trained steps: comma list or range like 0-8 (default: all 0..T-2; the last step is never trained)"""
     branches: int = 6
@@ -142,24 +122,19 @@ class Args:
     seeds_per_prompt: int = 4
     """S, initial noises per prompt (paper: 4); Flow-GRPO's group is S*G = 24 samples"""
     prompts_per_epoch: int = 48
-    """P, prompts per epoch (paper: 48, one per GPU of the official run; accumulated here): an epoch samples
-    P*S*|B|*G branch images (branch) or P*S*G images (sde)"""
+    """P, prompts per epoch (paper: 48, one per GPU of the official run; accumulated here, departure 8)"""
     prompt_draw: str = "shared"
-    """shared: an epoch's prompts are the start of one permutation of the file, split among torchrun's processes
-    (the official draw: distinct while the file has P); independent: each process draws with replacement (the draw
-    of runs begun before this setting, which resume with it)"""
+    """shared: an epoch's prompts start one permutation of the file, split among torchrun's processes (official);
+    independent: each process draws with replacement (the draw of runs begun before this setting)"""
     noise_level: float = 0.7
     """a, the noise level of the stochastic steps (paper: 0.7; with --sampler cps it must lie in (0, 1])"""
     sampler: str = "sde"
-    """the stochastic step of rollout and training: sde, Flow-GRPO's reverse SDE (the paper's); cps,
-    coefficients-preserving sampling (arXiv 2509.05952; bench/README.md, study 6): std_k = s_{k+1}
-    sin(a pi / 2) with a in (0, 1]; the log-probs, the KL and the noise-aware weights follow it"""
+    """the stochastic step: sde, Flow-GRPO's reverse SDE (the paper's); cps, coefficients-preserving sampling (arXiv
+    2509.05952): std_k = s_{k+1} sin(a pi / 2), a in (0, 1]; log-probs, KL and weights follow it"""
     finish_steps: int = 0
-    """F: each branch is finished by at most F ODE steps over its remaining grid, ending at s = 0 (0: every step
-    left, the paper's); cheaper branches, the same trained steps (--rollout branch only)"""
+    """F: a branch is finished by at most F ODE steps over its remaining grid (0: every step left, the paper's)"""
     split_steps: str = ""
-    """BranchGRPO: the steps (list or range, among the branch steps) at which each node forks --split-factor SDE
-    children (--rollout tree; its default 0,2,4,6)"""
+    """BranchGRPO: the branch steps (list or range) at which each node forks --split-factor children (0,2,4,6)"""
     split_factor: int = 2
     """BranchGRPO: children per node at a split step (paper: 2)"""
     prune_width: int = 0
@@ -189,8 +164,7 @@ class Args:
     optimizer_steps: int = 2
     """optimizer steps per epoch; the epoch's transitions are split evenly among them (paper: 2)"""
     ema: bool = True
-    """evaluate and export an EMA of the LoRA weights, updated every 8th optimizer step (paper: on); training and
-    the ratio use the live weights"""
+    """evaluate and export an EMA of the LoRA, updated every 8th optimizer step (paper: on); training uses the live"""
     drop_zero_std: bool = False
     """drop every group whose rewards are all equal, not only trunks with no signal at all (the official rule)"""
 
@@ -198,8 +172,7 @@ class Args:
     max_batch: int = 32
     """most latents in one no-grad transformer call (rollout, evaluation) and one VAE decode, CFG's halves counted"""
     train_batch: int = 8
-    """most latents in one training forward and backward, CFG's halves counted; gradients accumulate over them,
-    and 8 fits an 80 GB card (37.6 GiB measured on an H200, bench/README.md)"""
+    """most latents in one training forward and backward, CFG's halves counted (8: 37.6 GiB measured on an H200)"""
     rollout_prompts: int = 4
     """prompts sampled, decoded and scored together: GPU memory grows with this, not with --prompts-per-epoch"""
     gradient_checkpointing: bool = False
@@ -211,21 +184,18 @@ class Args:
     reward_dtype: str = "float32"
     """dtype of a model-based reward (pickscore, clipscore): float32 or bfloat16 (half its memory)"""
     compile: str = "auto"
-    """on: torch.compile the transformer's blocks, which the rollout, evaluation, training and the KL's reference
-    all run; every call is padded to --max-batch or --train-batch latents, so that all compiling happens once, at
-    the start (its seconds apart from the epochs'). off: eager. auto: on where the transformer is on CUDA"""
+    """on: torch.compile the transformer's blocks, every call padded to --max-batch or --train-batch latents, so that
+    all compiling happens once, at the start; off: eager; auto: on where the transformer is on CUDA"""
 
     # ---- long runs: checkpoints, evaluation, images
     resume: bool = False
-    """continue the run in --out from its last complete checkpoint, up to --epochs; it may change the bookkeeping
-    and the memory levers, nothing that training computes (README.md, "What a resume may change")"""
+    """continue the run in --out from its last checkpoint; it may change bookkeeping and memory levers (README.md)"""
     save_every: int = 1
     """epochs between checkpoints in --out/checkpoints (also written on SIGINT/SIGTERM and at the end)"""
     eval_prompt_file: str = ""
     """evaluation prompts, one image each from fixed noise with the ODE; empty: no evaluation"""
     eval_reward: str = ""
-    """reward spec of evaluation, when it should differ from training's (reward hacking shows as a gap); if
-    empty, that of --reward"""
+    """reward spec of evaluation, when it differs from training's (reward hacking shows as a gap); empty: --reward"""
     eval_every: int = 10
     """epochs between evaluations (and after the last epoch)"""
     eval_steps: int = 40
@@ -235,13 +205,10 @@ class Args:
     max_nfe: int = 0
     """stop once this many latents went through the transformer, for compute-matched comparisons (0: no limit)"""
     wandb: str = ""
-    """Weights & Biases project to log metrics, config and image grids to (empty: none; needs `pip install wandb`;
-    WANDB_MODE=offline needs no login or network)"""
+    """Weights & Biases project for metrics, config and grids (empty: none; WANDB_MODE=offline needs no login)"""
 
 
-# =====================================================================================================
-# Flow-matching math (method 1-2). Pure functions of tensors: torch only, float32 inside.
-# =====================================================================================================
+# ======== Flow-matching math (method 1-2). Pure functions of tensors: torch only, float32 inside. ====================
 
 
 def sigma_grid(scheduler, steps: int, shift: float = 0.0) -> Tensor:
@@ -268,7 +235,7 @@ def transition_std(sigmas: Tensor, i: Tensor, noise_level: float, sampler: str =
     return sigma, sigma * torch.sqrt(s - sigmas[i + 1])
 
 
-def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, noise_level: float, prev_sample: Tensor | None = None,
+def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, noise_level: float, y: Tensor | None = None,
              generator: torch.Generator | None = None, sampler: str = "sde") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One stochastic step from s_i to s_{i+1}, and the policy's log-density of its result.
 
@@ -276,11 +243,9 @@ def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, noise_level: float, prev_s
     (arXiv 2509.05952), a DDIM-like step whose noise coefficients add in quadrature to s_{i+1}, so that exact
     predictions land on the flow's marginal; its std is 0 at the last step (s_T = 0), which is the ODE's.
     x, v: [B, C, H, W] latent and velocity (any float dtype; the math runs in float32). i: int or LongTensor[B],
-    so a batch may mix grid indices. With prev_sample given, that sample is only scored.
-    Returns prev_sample [B, C, H, W], log_prob [B] (averaged over C*H*W), mean [B, C, H, W], std [B].
-    Departure: Flow-GRPO's cps code drops the Gaussian's 1 / (2 std_i^2) and -log std_i, so its log-ratios are
-    2 std_i^2 times these and its clip range means another thing at every step; here both samplers use the density.
-    """
+    so a batch may mix grid indices. With y (x_{i+1}) given, that sample is only scored.
+    Returns y [B, C, H, W], log_prob [B] (averaged over C*H*W), mean [B, C, H, W], std [B]. Both samplers score
+    by the Gaussian density (departure 9)."""
     x, v, sigmas = x.float(), v.float(), sigmas.to(x.device, torch.float32)
     i = torch.as_tensor(i, dtype=torch.long, device=x.device).expand(len(x))  # [B]
     sigma, std = (t if t is None else t.view(-1, 1, 1, 1) for t in transition_std(sigmas, i, noise_level, sampler))
@@ -294,15 +259,15 @@ def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, noise_level: float, prev_s
     else:
         # mean_i = x_i + [v + sigma_i^2 / (2 s_i) (x_i + (1 - s_i) v)] dt_i   (drift + score term; Flow-GRPO Eq. 9)
         mean = x + (v + sigma**2 / (2 * s) * (x + (1 - s) * v)) * dt
-    if prev_sample is None:
+    if y is None:
         eps = torch.randn(x.shape, generator=generator, device=x.device)
         # x_{i+1} = mean_i + std_i eps, eps ~ N(0, I)
-        prev_sample = mean + std * eps
+        y = mean + std * eps
     # log pi(x_{i+1} | x_i) = -|x_{i+1} - mean_i|^2 / (2 std_i^2) - log std_i - log sqrt(2 pi), mean over C*H*W
-    # (the reference convention: averaged, not summed as a density would be, to keep the ratio in range)
-    log_prob = -((prev_sample.float() - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    # (averaged, not summed as a density would be, to keep the ratio in range: departure 1)
+    log_prob = -((y.float() - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
     log_prob = log_prob.mean(dim=(1, 2, 3))  # [B]
-    return prev_sample, log_prob, mean, std.flatten()
+    return y, log_prob, mean, std.flatten()
 
 
 def ode_step(x: Tensor, v: Tensor, sigmas: Tensor, i, j=None) -> Tensor:
@@ -362,27 +327,16 @@ def cfg_velocity(transformer, x: Tensor, sigma: Tensor, prompts: PromptEmbeds, g
     return (v_uncond + guidance * (v_cond - v_uncond))[:n]
 
 
-# =====================================================================================================
-# TempFlow pieces (method 3, 5): which steps branch and train, and how much each weighs
-# =====================================================================================================
+# ======== TempFlow pieces (method 3, 5): how much each trained step weighs, and how a branch finishes ================
 
 
-def parse_branch_steps(text: str, steps: int) -> list[int]:
-    """`0-8` or `0,2,4` -> sorted grid indices; empty means every step but the last, 0..T-2."""
-    if not text:
-        return list(range(steps - 1))
-    picked = set()
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        picked.update(range(int(low), int(high or low) + 1))
-    return sorted(picked)
-
-
-def noise_aware_weights(sigmas: Tensor, noise_level: float, steps, sampler: str = "sde") -> Tensor:
-    """w_k for the trained steps k: proportional to the sampler's std of step k, mean exactly 1 over the steps."""
-    std = transition_std(sigmas.double(), torch.as_tensor(steps, dtype=torch.long), noise_level, sampler)[1]
-    # w_k = std_k / mean_{j in B} std_j   (TempFlow-GRPO's noise-aware weighting; a cancels, the grid decides)
-    return (std / std.mean()).float()  # [len(steps)]
+def noise_aware_weights(sigmas: Tensor, noise_level: float, branch_steps: list[int], sampler: str = "sde") -> Tensor:
+    """w_k for the trained steps k in branch_steps: proportional to the sampler's std of step k, mean exactly 1 over
+    them."""
+    std = transition_std(sigmas.double(), torch.as_tensor(branch_steps, dtype=torch.long), noise_level, sampler)[1]
+    # w_k = std_k / mean_{j in B} std_j   (TempFlow-GRPO's noise-aware weighting; a cancels, the grid decides:
+    # departure 2)
+    return (std / std.mean()).float()  # [len(branch_steps)]
 
 
 def finish_grid(k: int, steps: int, finish_steps: int = 0) -> list[int]:
@@ -403,9 +357,7 @@ def finish_hops(steps: int, branch_steps: list[int], finish_steps: int = 0) -> T
     return hop
 
 
-# =====================================================================================================
-# Rollouts (method 3, 7, 8): one wavefront loop for the three methods
-# =====================================================================================================
+# ======== Rollouts (method 3, 7, 8): one wavefront loop for the three methods ========================================
 
 
 def sd3_velocity(transformer, prompts: PromptEmbeds, guidance: float, max_batch: int = 1 << 30, pad: bool = False):
@@ -468,7 +420,7 @@ def rollout(velocity_fn, noise: Tensor, sigmas: Tensor, kind: str, branch_steps:
     records, last, branching = [], max(branch_steps), kind == "branch"
     for i in range(steps):
         if branching and i > last:
-            trunk, trunk_noise = trunk[:0], trunk_noise[:0]  # no branch left to spawn: the trunk's work is done
+            trunk, trunk_noise = trunk[:0], trunk_noise[:0]  # no branch left to spawn (departure 3)
         to = hop[leaf_born, i]
         due = (to > 0).nonzero().flatten()  # the leaves whose path has a step from s_i
         x, rows = torch.cat([trunk, leaves[due]]), torch.cat([trunk_noise, leaf_noise[due]])
@@ -486,7 +438,7 @@ def rollout(velocity_fn, noise: Tensor, sigmas: Tensor, kind: str, branch_steps:
             leaf_noise = torch.cat([leaf_noise, trunk_noise.repeat_interleave(branches)])
             leaf_born = torch.cat([leaf_born, torch.full((len(y),), i)])
             trunk = ode_step(trunk, v_trunk, sigmas, i)
-        elif i in branch_steps:
+        elif i in branch_steps:  # the SDE at the trained steps, the ODE at the last (departure 5)
             if kind == "tree" and i in split_steps:  # BranchGRPO: node n's f children, rows n f .. n f + f - 1
                 trunk, v_trunk, trunk_noise = (t.repeat_interleave(split_factor, 0)
                                                for t in (trunk, v_trunk, trunk_noise))
@@ -498,7 +450,7 @@ def rollout(velocity_fn, noise: Tensor, sigmas: Tensor, kind: str, branch_steps:
     x_k, y, log_prob, step, image = zip(*records)
     step = torch.cat([torch.full_like(lp, k, dtype=torch.long) for lp, k in zip(log_prob, step)])
     if branching:
-        latents, image_noise, image_step, span = leaves, leaf_noise, step, torch.ones_like(step)
+        latents, image_noise, image_step, span = leaves, leaf_noise, leaf_born.to(step.device), torch.ones_like(step)
     else:  # node n of a step with N nodes has the leaves n * L/N .. (n + 1) * L/N - 1 below it (L/N = 1 but in a tree)
         latents, image_noise, image_step = trunk, trunk_noise, torch.full_like(trunk_noise, -1)
         span = torch.cat([torch.full_like(nodes, len(trunk) // len(nodes)) for nodes in image])
@@ -520,9 +472,7 @@ def rollout_nfe(rollout: str, steps: int, branch_steps: list[int], branches: int
     return halves * (max(branch_steps) + 1 + branches * sum(finish))
 
 
-# =====================================================================================================
-# Advantages and the loss (method 4, 6, 8)
-# =====================================================================================================
+# ======== Advantages and the loss (method 4, 6, 8) ===================================================================
 
 
 def group_advantages(rewards: Tensor, groups: Tensor, clip: float = 5.0, global_std: bool = False
@@ -530,11 +480,13 @@ def group_advantages(rewards: Tensor, groups: Tensor, clip: float = 5.0, global_
     """Normalised advantages of M rewards; groups [M] are group ids. A group is the samples whose rewards compare:
     TempFlow-GRPO's G branches of one (prompt, initial noise, step k), Flow-GRPO's S*G samples of one prompt, or
     BranchGRPO's nodes of one depth of one tree. The mean is per group; the std per group, or with global_std
-    over all the valid rewards (Flow-GRPO's global_std). A non-finite reward is left out of the
-    statistics and gets A = 0. Returns advantages [M] and whether each sample's group had all-equal rewards."""
+    over all the valid rewards (Flow-GRPO's global_std). Rewards enter as they are (departure 7); a non-finite one
+    is left out of the statistics and gets A = 0 (departure 4). Returns advantages [M] and whether each sample's
+    group had all-equal rewards."""
     valid = torch.isfinite(rewards)
     r = torch.where(valid, rewards, 0.0).double()
-    n = torch.zeros(int(groups.max()) + 1, dtype=torch.double, device=groups.device).index_add_(0, groups, valid.double())
+    n = torch.zeros(int(groups.max()) + 1, dtype=torch.double, device=groups.device).index_add_(0, groups,
+                                                                                              valid.double())
     mean = torch.zeros_like(n).index_add_(0, groups, r) / n.clamp(min=1)
     var = torch.zeros_like(n).index_add_(0, groups, torch.where(valid, (r - mean[groups]) ** 2, 0.0)) / n.clamp(min=1)
     std = r[valid].std(correction=0).expand(len(r)) if global_std else var[groups].sqrt()
@@ -545,7 +497,7 @@ def group_advantages(rewards: Tensor, groups: Tensor, clip: float = 5.0, global_
 
 
 def fused_rewards(rewards: Tensor, first: Tensor, span: Tensor) -> Tensor:
-    """BranchGRPO's reward fusion (arXiv 2509.06040): node n's reward is the mean of the finite rewards of
+    """BranchGRPO's reward fusion (arXiv 2509.06040, departure 11): node n's reward is the mean of the finite rewards of
     its leaves, first[n] .. first[n] + span[n] - 1 of rewards [M]; NaN if none is finite. Returns [K]."""
     valid = torch.isfinite(rewards)
     # prefix sums over leaves 0..j-1 (float32 rewards add exactly in float64) of the rewards and of their count
@@ -589,17 +541,18 @@ def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, weight
     # max(-w_k A ratio, -w_k A clip(ratio, 1 - eps, 1 + eps)) (Flow-GRPO Eq. 5); the weight scales this term only
     policy = torch.maximum(-weights * advantages * ratio,
                            -weights * advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
-    # KL_k = mean_CHW (mean_theta - mean_ref)^2 / (2 std_k^2), two Gaussians of one std (Flow-GRPO, after Eq. 9)
+    # KL_k = mean_CHW (mean_theta - mean_ref)^2 / (2 std_k^2), two Gaussians of one std (Flow-GRPO, after Eq. 9;
+    # departure 10)
     kl = ((mean - ref_mean) ** 2).mean(dim=(1, 2, 3)) / (2 * std**2)
     loss = (policy + beta * kl).mean()
+    # approx_kl = mean (log ratio)^2 / 2, the policy's drift from the rollout's (logged, as Flow-GRPO and CleanRL do)
     stats = dict(policy_loss=policy.mean(), kl=kl.mean(), ratio_mean=ratio.mean(),
+                 approx_kl=((log_prob - old_log_prob) ** 2).mean() / 2,
                  clipfrac=((ratio - 1).abs() > clip_range).float().mean())
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
-# =====================================================================================================
-# ---------------- the algorithm ends here; what follows is plumbing around diffusers ----------------
-# =====================================================================================================
+# ======== SD3 calls: prompts, noise, decoding; the LoRA and its EMA (diffusers and peft do the work) =================
 
 
 # T5 prompt tokens, as the official code encodes (the pipeline's default is 256); a tokenizer with a shorter
@@ -607,94 +560,8 @@ def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, weight
 T5_TOKENS = 128
 
 
-def is_terminal() -> bool:
-    """Whether both output streams are terminals, where a bar redraws in place. Elsewhere (`> train.log`, nohup, a
-    job scheduler, `| tee`) every redraw would stay in the file as text."""
-    return all(stream is not None and stream.isatty() for stream in (sys.stdout, sys.stderr))
-
-
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
-    """StableDiffusion3Pipeline from a hub id or a local folder, or one line saying how to provide it."""
-    import diffusers
-    import transformers
-
-    if not is_terminal():  # in a log file their loading bars would be redraws
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
-    try:
-        pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype)
-    except (OSError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SystemExit(f"error: cannot load --model {model!r}: {reason}") from None
-    return pipe
-
-
-def check_models(args: Args):
-    """Look for every model the run loads (the pipeline, the rewards' models) before loading any, and name all that
-    cannot be had in one line, each with how to get it."""
-    needs = [("--model", args.model, "model_index.json", "--model /path/to/a/local/copy")]
-    for flag, spec in (("--reward", args.reward), ("--eval-reward", args.eval_reward)):
-        needs += [(f"{flag} {name}", model, file, f"{env}=/path/to/a/local/copy")
-                  for name, model, env, file in (required_models(spec, flag) if spec else [])]
-    missing = []
-    for flag, model, file, local in {need[1]: need for need in needs}.values():  # each model once
-        why = model_problem(model, file)
-        missing += [f"{flag} needs {model!r}, {why} (or {local})"] if why else []
-    check(not missing, f"{len(missing)} model(s) this run needs cannot be loaded: {'; '.join(missing)}")
-
-
-def model_problem(model: str, file: str) -> str | None:
-    """Why `model`, a local folder or a hub id, cannot be loaded, or None: a folder, a hub id whose `file` is in
-    the local cache, or one the hub serves to this login."""
-    import huggingface_hub as hub
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
-    from huggingface_hub.utils import validate_repo_id
-
-    if Path(model).is_dir():
-        return None
-    try:
-        validate_repo_id(model)
-    except HFValidationError:
-        return "which is no folder"
-    if isinstance(hub.try_to_load_from_cache(model, file), str):
-        return None
-    if hub.is_offline_mode():
-        return f"which is not in the hub's cache (HF_HUB_OFFLINE is set): `hf download {model}` where online"
-    try:
-        hub.auth_check(model)
-    except GatedRepoError:
-        return f"which is gated: accept its license at https://huggingface.co/{model}, then `hf auth login`"
-    except RepositoryNotFoundError:
-        return "which is not on the hub (if it is private, `hf auth login`)"
-    except Exception as err:  # the network: a DNS failure, a timeout, a proxy
-        return f"which is not in the hub's cache, and the hub is unreachable ({type(err).__name__}): " \
-               f"`hf download {model}` where online"
-    return None
-
-
 def t5_length(pipe) -> int:
     return min(T5_TOKENS, pipe.tokenizer_3.model_max_length)
-
-
-@contextmanager
-def logs_dropped(loggers: list[str], *phrases: str):
-    """For the block, these loggers drop their records that contain any of the phrases."""
-    def keep(record: logging.LogRecord) -> bool:
-        return not any(phrase in record.getMessage() for phrase in phrases)
-    for name in loggers:
-        logging.getLogger(name).addFilter(keep)
-    try:
-        yield
-    finally:
-        for name in loggers:
-            logging.getLogger(name).removeFilter(keep)
-
-
-def without_truncation_warnings(pipe):
-    """The pipeline and the tokenizers warn at every encoding of a prompt longer than the text encoders take, with
-    its cut text (every epoch, in a log file); prompt_cuts says it once, at the start."""
-    return logs_dropped([type(pipe).encode_prompt.__module__, "transformers.tokenization_utils_base"],
-                        "The following part of your input was truncated", "Token indices sequence length is longer")
 
 
 def encode_prompts(pipe, prompts: list[str]) -> PromptEmbeds:
@@ -707,39 +574,8 @@ def encode_prompts(pipe, prompts: list[str]) -> PromptEmbeds:
     return PromptEmbeds(*(t.to(pipe.transformer.device) for t in (embeds, pooled, neg_embeds, neg_pooled)))
 
 
-def prompt_cuts(pipe, numbered: list[tuple[int, str]], flag: str) -> str | None:
-    """One line naming the prompts (line numbers) that are longer than CLIP's or T5's tokens, which the pipeline
-    cuts there; None if none is."""
-    if not numbered:
-        return None
-    parts = []
-    with without_truncation_warnings(pipe):
-        for name, tokenizer, limit in (("CLIP", pipe.tokenizer, pipe.tokenizer_max_length),
-                                       ("T5", pipe.tokenizer_3, t5_length(pipe))):
-            lengths = [len(ids) for ids in tokenizer([prompt for _, prompt in numbered]).input_ids]
-            lines = [n for (n, _), length in zip(numbered, lengths) if length > limit]
-            if lines:
-                shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
-                parts.append(f"{len(lines)} longer than {name}'s {limit} tokens (line {shown})")
-    return (f"note: {flag}: {'; '.join(parts)}, of {len(numbered)} prompts; the text encoders see them cut there"
-            if parts else None)
-
-
 def text_encoders(pipe) -> list[torch.nn.Module]:
     return [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
-
-
-@contextmanager
-def placed(modules: list[torch.nn.Module], device: torch.device, offload: bool):
-    """With offload, the modules come to the device for the block and go back to the CPU after it; without, they
-    stay where they are (on the device)."""
-    for module in modules if offload else []:
-        module.to(device)
-    try:
-        yield
-    finally:
-        for module in modules if offload else []:
-            module.to("cpu")
 
 
 def initial_noise(pipe, n: int, resolution: int, generator: torch.Generator) -> Tensor:
@@ -752,7 +588,7 @@ def initial_noise(pipe, n: int, resolution: int, generator: torch.Generator) -> 
 def autocast(transformer):
     """Autocast to the transformer's dtype when it is below float32, on any device: a bf16 pipeline (CUDA's) runs
     its matmuls in bf16 (on CUDA its norms and softmax in float32), the LoRA stays float32 and the step math casts
-    back to float32; a float32 pipeline (the CPU's default) runs as it is."""
+    back to float32; a float32 pipeline (the CPU's default) runs as it is (departure 6)."""
     dtype = transformer.dtype
     return torch.autocast(transformer.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -777,34 +613,6 @@ def ode_images(pipe, prompts: PromptEmbeds, noise: Tensor, steps: int, guidance:
         return torch.cat([decode_latents(pipe, z) for z in latents.split(max_batch)])
 
 
-def read_prompts(path: str, flag: str = "--prompt-file") -> list[str]:
-    """Non-blank lines of a UTF-8 text file, or one line saying what is wrong with it."""
-    return [prompt for _, prompt in numbered_prompts(path, flag)]
-
-
-def numbered_prompts(path: str, flag: str = "--prompt-file") -> list[tuple[int, str]]:
-    """(line number, prompt) of each non-blank line, a line being what ends at "\n" (and only there: str.splitlines
-    would also break at U+2028, form feed and more). A byte-order mark (Windows editors write one), the "\r" of
-    "\r\n" and zero-width spaces at a line's ends are dropped: the tokenizers would read them as part of a word."""
-    file = Path(path)
-    if not path:
-        raise SystemExit(f"error: {flag} is required")
-    if file.is_dir():
-        raise SystemExit(f"error: {flag} {path!r} is a folder; give the text file in it, a prompt per line")
-    if not file.is_file():
-        raise SystemExit(f"error: {flag} {path!r} does not exist")
-    try:
-        lines = file.read_bytes().decode("utf-8-sig").split("\n")
-    except UnicodeDecodeError as err:
-        raise SystemExit(f"error: {flag} {path!r} is not UTF-8 text ({err.reason} at byte {err.start}); save it "
-                         f"as UTF-8") from None
-    prompts = [(n, line.strip().strip("\ufeff\u200b").strip()) for n, line in enumerate(lines, start=1)]
-    prompts = [(n, prompt) for n, prompt in prompts if prompt]
-    if not prompts:
-        raise SystemExit(f"error: {flag} {path!r} has no prompts (it is empty or only blank lines)")
-    return prompts
-
-
 # LoRA on the joint attention's projections of the image stream and of the context (text) stream. The
 # "attn." prefix keeps out the second, image-only attention (attn2) of SD3.5-M's 13 dual-attention blocks, as the
 # official targets do: 191 modules, 18.8 M parameters at rank 32 (the bare names would give 243 and 23.9 M).
@@ -820,10 +628,8 @@ def add_lora(transformer, rank: int) -> list[torch.nn.Parameter]:
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights="gaussian",
                                        target_modules=LORA_TARGETS))
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    return params
+    cast_training_params(transformer)  # the LoRA's parameters to float32, the idiom of diffusers' LoRA scripts
+    return [p for p in transformer.parameters() if p.requires_grad]
 
 
 @contextmanager
@@ -836,64 +642,8 @@ def lora_disabled(transformer):
         transformer.enable_adapters()
 
 
-def compile_transformer(transformer, warm_up, backend: str = "inductor") -> float | None:
-    """torch.compile each of the transformer's blocks in place (regional compilation: the blocks of one kind share
-    their graphs, and the weights keep their names), then run warm_up(), the run's calls at each of their fixed
-    shapes, so that all compiling happens here. Returns its seconds; None where compiling failed (a torch or peft
-    that cannot): the blocks are eager again and one line names the error, for an optimisation never ends a run."""
-    start = time.perf_counter()
-    try:
-        # a graph per kind of block (dual attention, plain, last), call shape and mode: more than dynamo's 8
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for block in transformer.transformer_blocks:
-            block.compile(backend=backend, dynamic=False)
-        warm_up()
-    except torch.cuda.OutOfMemoryError:
-        raise  # the run's own calls would not fit either: memory_advice's line, not a warning
-    except Exception as err:
-        eager(transformer)
-        err = getattr(err, "inner_exception", None) or err  # what a backend raised, inside dynamo's wrapper
-        print0(f"warning: --compile failed ({type(err).__name__}: {first_line(err)}); the run goes on eager")
-        return None
-    finally:
-        transformer.zero_grad(set_to_none=True)  # the warm-up's backward leaves nothing behind
-    return time.perf_counter() - start
-
-
-def eager(transformer):
-    """Undo compile_transformer: the blocks' calls are eager again."""
-    for block in transformer.transformer_blocks:
-        block._compiled_call_impl = None  # what nn.Module.compile set
-    torch._dynamo.reset()
-
-
-# diffusers' file name of a LoRA, which load_lora_weights(folder) looks for
-LORA_FILE = "pytorch_lora_weights.safetensors"
-
-
-def save_lora(transformer, folder: Path):
-    """The adapter in diffusers' format, alpha included: StableDiffusion3Pipeline.load_lora_weights(folder) loads it
-    as trained."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft.utils import get_peft_model_state_dict
-
-    StableDiffusion3Pipeline.save_lora_weights(
-        folder, transformer_lora_layers=get_peft_model_state_dict(transformer), weight_name=LORA_FILE,
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
-    umask = os.umask(0)  # safetensors leaves its file 0600; the LoRA is shared as every other output is
-    os.umask(umask)
-    (folder / LORA_FILE).chmod(0o666 & ~umask)
-
-
 # the official code's EMA of the LoRA weights: its largest decay and its interval in optimizer steps
 EMA_DECAY, EMA_EVERY = 0.9, 8
-
-
-def make_ema(params: list[torch.nn.Parameter], enabled: bool = True):
-    """diffusers' EMAModel over the LoRA parameters (a float32 shadow copy), or None."""
-    from diffusers.training_utils import EMAModel
-
-    return EMAModel(params, decay=EMA_DECAY) if enabled else None
 
 
 def ema_update(ema, params: list[torch.nn.Parameter], n: int):
@@ -904,144 +654,19 @@ def ema_update(ema, params: list[torch.nn.Parameter], n: int):
         ema.step(params)
 
 
-@contextmanager
-def ema_weights(ema, params: list[torch.nn.Parameter]):
-    """The EMA weights in place of the live ones for a while (evaluation, export); the live ones without an EMA."""
-    if ema is None:
-        yield
-        return
-    ema.store(params)
-    ema.copy_to(params)
-    try:
-        yield
-    finally:
-        ema.restore(params)
-
-
-# ---------------- several GPUs: torchrun's processes split the epoch's prompts and make one update ----------------
-
-
-def init_distributed() -> torch.device:
-    """This process's device; under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) first the process group, NCCL on
-    GPUs and gloo on CPUs. A peer that dies makes torchrun stop the others; one that hangs, the timeout."""
-    cuda = torch.cuda.is_available()
-    if "RANK" in os.environ and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-
-
-def rank_and_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def print0(*lines: str):
-    """Lines on stdout from the first process only (under torchrun it speaks for all), beside any progress bar."""
-    for line in lines if rank_and_world()[0] == 0 else ():
-        tqdm.write(line)
-    sys.stdout.flush()
-
-
-@contextmanager
-def said_once():
-    """Under torchrun every process meets the same errors of settings, files and rewards; the first says each, the
-    others exit quietly. They first give the first process time to say it: torchrun ends every process as soon as
-    one fails, and a quiet one that failed first could end the first before it had spoken."""
-    try:
-        yield
-    except SystemExit as err:
-        if isinstance(err.code, str) and int(os.environ.get("RANK", 0)) > 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's ending is final, whatever the loop set
-            time.sleep(30)
-            raise SystemExit(1) from None
-        raise
-
-
-def _wire() -> torch.device:
-    """Where collectives take their tensors: the GPU for NCCL, the CPU for gloo."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def gather(t: Tensor) -> Tensor:
-    """Every process's t (one shape on all), concatenated in rank order, on the CPU; t itself in one process."""
-    if not dist.is_initialized():
-        return t
-    parts = [torch.empty_like(t, device=_wire()) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.to(_wire()))
-    return torch.cat(parts).cpu()
-
-
-def all_sum(value: float) -> float:
-    """value summed over processes."""
-    if not dist.is_initialized():
-        return value
-    total = torch.tensor(float(value), dtype=torch.float64, device=_wire())
-    dist.all_reduce(total)
-    return total.item()
-
-
-def agree(failure: Exception | None):
-    """Raise a reward server's failure in every process if any process met one, so that all stop at one point."""
-    if all_sum(failure is not None):
-        raise failure or RewardServerError("a reward server failed in another process")
-
-
-def sum_gradients(params: list[torch.nn.Parameter]):
-    """Each parameter's gradient summed over processes in one flat all-reduce; a process that trained nothing in
-    this step adds zeros (and takes part, so nobody waits for it)."""
-    if not dist.is_initialized():
-        return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    dist.all_reduce(flat)
-    for p, grad in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = grad.view_as(p)
-
-
-# the statistics update() returns, averaged over processes in one all-reduce
-TRAIN_STATS = ("policy_loss", "kl", "ratio_mean", "clipfrac", "loss", "skipped_updates", "grad_norm")
-
-
-def mean_over_processes(stats: dict, weight: float) -> dict:
-    """Each of TRAIN_STATS's means over the processes that have it, weighted by their transitions (plain where
-    none has any)."""
-    if not dist.is_initialized():
-        return stats
-    parts = [[stats[k] * weight, weight, stats[k], 1.0] if k in stats else [0.0] * 4 for k in TRAIN_STATS]
-    sums = torch.tensor(parts, dtype=torch.float64, device=_wire())
-    dist.all_reduce(sums)
-    return {k: vw / w if w else v / n for k, (vw, w, v, n) in zip(TRAIN_STATS, sums.tolist()) if n}
-
-
-def check_in_sync(params: list[torch.nn.Parameter]):
-    """Every process holds the same LoRA (the reduced gradients keep it so); a bug that broke that would otherwise
-    train N diverging models in silence."""
-    if not dist.is_initialized():
-        return
-    mine = torch.cat([p.detach().flatten() for p in params]).to(_wire())
-    first = mine.clone()
-    dist.broadcast(first, 0)
-    differs = torch.tensor(float(not torch.equal(mine, first)), device=_wire())
-    dist.all_reduce(differs)
-    if differs.item():
-        raise RuntimeError(f"the LoRA weights of {int(differs.item())} process(es) differ from process 0's")
-
-
-# =====================================================================================================
-# The epoch: rollout -> rewards -> advantages -> optimizer steps
-# =====================================================================================================
+# ======== The epoch: rollout -> rewards -> advantages -> optimizer steps =============================================
 
 
 def tree_shape(args: Args) -> tuple[list[int], int]:
     """(split steps, split factor) of a BranchGRPO tree; ([], 1) for the other rollouts."""
     if args.rollout != "tree":
         return [], 1
-    return parse_branch_steps(args.split_steps, args.steps), args.split_factor
+    return parse_steps(args.split_steps, args.steps, "--split-steps"), args.split_factor
 
 
 def pruned_steps(args: Args) -> list[int]:
     """The steps --prune-depth leaves untrained (none when it is empty)."""
-    return parse_branch_steps(args.prune_depth, args.steps) if args.prune_depth else []
+    return parse_steps(args.prune_depth, args.steps, "--prune-depth") if args.prune_depth else []
 
 
 def epoch_size(args: Args, branch_steps: list[int]) -> dict:
@@ -1072,60 +697,6 @@ def step_weights(args: Args, sigmas: Tensor, branch_steps: list[int]) -> Tensor:
     return step_weight
 
 
-def describe_epoch(args: Args, branch_steps: list[int], world: int) -> str:
-    """The derived sizes of an epoch, in one line."""
-    size = epoch_size(args, branch_steps)
-    return (f"epoch: {args.prompts_per_epoch} prompts x {size['trunks'] // args.prompts_per_epoch} noises"
-            f"{f' over {world} processes' if world > 1 else ''}, {size['images']:,} images, "
-            f"{size['transitions']:,} transitions ({size['per_step']:,} per optimizer step), "
-            f"{size['rollout_nfe'] + size['train_nfe']:,} transformer evaluations (rollout "
-            f"{size['rollout_nfe']:,}, training {size['train_nfe']:,})")
-
-
-class Timer:
-    """Seconds per phase of an epoch (`with timer("sample_s"):`), and on CUDA the epoch's peak memory."""
-    def __init__(self, device: torch.device):
-        self.device, self.seconds = device, {}
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-    @contextmanager
-    def __call__(self, phase: str):
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the GPU's work of this phase, not the launches alone
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-    def metrics(self) -> dict:
-        peak = dict(peak_gb=torch.cuda.max_memory_allocated(self.device) / 2**30) if self.device.type == "cuda" else {}
-        return {**{k: round(v, 2) for k, v in self.seconds.items()}, **peak}
-
-
-class PlainLines:
-    """A file for tqdm that turns each refresh ('\\r' + status + padding) into one line on stdout, beside the log
-    lines; the blank refreshes of closing are dropped."""
-    def write(self, text: str):
-        text = text.strip("\r\n").rstrip()
-        if text:
-            sys.stdout.write(text + "\n")
-
-    def flush(self):
-        sys.stdout.flush()
-
-
-def progress(iterable=None, every_s: float = 300, **kwargs) -> tqdm:
-    """tqdm's bar on a terminal; elsewhere one plain line every every_s seconds, the first after every_s, so that a
-    long epoch says where it is in a log file and a short one adds nothing to it."""
-    kwargs.setdefault("disable", rank_and_world()[0] != 0)  # under torchrun the first process speaks for all
-    if is_terminal():
-        return tqdm(iterable, **kwargs)
-    # position=0: a nested bar would move the cursor up and down with escape codes
-    kwargs.update(file=PlainLines(), mininterval=every_s, delay=every_s, position=0,
-                  bar_format="{desc}: {n_fmt}/{total_fmt} {unit}, {elapsed} elapsed, {remaining} left")
-    return tqdm(iterable, **kwargs)
-
-
 class Batch(NamedTuple):
     """One epoch's training transitions, after the rewards and advantages are known. K transitions."""
     x: Tensor          # [K, C, H, W]
@@ -1150,7 +721,8 @@ def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, caption
     image_captions = [captions[n] for n in out.image_noise.tolist()]
     broken = not_finite(out)  # [M]
     scores, kept = [], []
-    with timer("score_s"), autocast(pipe.transformer), placed(reward_fn.models, device, args.offload_reward):
+    with timer("score_s"), autocast(pipe.transformer), offload_models(*reward_fn.models, device=device,
+                                                                      offload=args.offload_reward):
         for j in range(0, len(out.latents), args.max_batch):
             images = decode_latents(pipe, out.latents[j:j + args.max_batch])  # [<= max_batch, 3, H, W]
             bad = broken[j:j + len(images)].to(device) | ~images.isfinite().flatten(1).all(1)
@@ -1165,7 +737,7 @@ def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, caption
 def not_finite(out: Rollout) -> Tensor:
     """[M] the images that are not finite, or that score a transition whose y or old log-prob is not (a velocity
     that overflowed, as bf16 can): their rewards become NaN, so that trained_batch counts them invalid and drops
-    their transitions, and the epoch trains on the rest."""
+    their transitions, and the epoch trains on the rest (departure 4)."""
     bad = ~out.latents.isfinite().flatten(1).all(1)
     broken = ~(out.y.isfinite().flatten(1).all(1) & out.log_prob.isfinite())  # [K]
     # transition k is scored by images image[k] .. image[k] + span[k] - 1: mark each such range
@@ -1204,21 +776,15 @@ def trained_batch(out: Rollout, scores: dict, noise_prompt: Tensor, args: Args) 
         advantage = advantages[mine][out.image]
     batch = Batch(out.x[keep], out.y[keep], out.log_prob[keep], out.step[keep],
                   noise_prompt[out.image_noise[out.image]][keep], advantage[keep])  # [K] rows of each
-    every_valid = torch.isfinite(everyone["reward"])
-    rewards = everyone["reward"][every_valid]
-    metrics = dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
-                   images=len(every_valid), invalid=int((~every_valid).sum()), transitions=int(all_sum(len(batch.x))),
-                   zero_std_frac=all_groups[zero_std].unique().numel() / all_groups.unique().numel())
-    metrics.update({f"reward_{k}": v[torch.isfinite(v)].mean().item() for k, v in everyone.items() if k != "reward"})
-    return batch, metrics
+    return batch, reward_metrics(everyone, all_groups, zero_std, int(all_sum(len(batch.x))))
 
 
 def drawn_prompts(count: int, args: Args, epoch: int, gen: torch.Generator) -> list[int]:
     """This process's share of epoch's --prompts-per-epoch prompts, as indices of the `count` training prompts.
-    "shared", the official draw (flow_grpo's DistributedKRepeatSampler): one permutation per epoch, the same in every
-    process, whose first prompts the processes split in rank order, so an epoch's prompts are distinct (while the
-    file has enough) and no two processes share one. "independent" (runs begun before it): each process draws with
-    replacement from its own generator."""
+    "shared", the official draw (flow_grpo's DistributedKRepeatSampler; departure 8): one permutation per epoch,
+    the same in every process, whose first prompts the processes split in rank order, so an epoch's prompts are
+    distinct (while the file has enough) and no two processes share one. "independent" (runs begun before it):
+    each process draws with replacement from its own generator."""
     rank, world = rank_and_world()
     share = args.prompts_per_epoch // world
     if args.prompt_draw == "independent":
@@ -1239,15 +805,13 @@ def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor,
     world = rank_and_world()[1]
     prompts = [prompt_list[j] for j in drawn_prompts(len(prompt_list), args, epoch, gen)]
     device = pipe.transformer.device
-    with timer("sample_s"), placed(text_encoders(pipe), device, args.offload_text_encoders):
+    with timer("sample_s"), offload_models(*text_encoders(pipe), device=device, offload=args.offload_text_encoders):
         embeds = encode_prompts(pipe, prompts)
     size = epoch_size(args, branch_steps)
     per_prompt = size["trunks"] // args.prompts_per_epoch  # initial noises per prompt
     noise_prompt = torch.arange(len(prompts)).repeat_interleave(per_prompt)  # [N]
     noise = initial_noise(pipe, len(noise_prompt), args.resolution, gen)  # [N, C, H, W]
-    images = size["images"] // world
-    shown = torch.zeros(images, dtype=torch.bool)
-    shown[torch.linspace(0, images - 1, min(32, images)).long()] = True  # the grid's images, spread over the epoch
+    shown = grid_picks(size["images"] // world)  # [this process's images] those its grid shows
     parts, before, failure = [], 0, None  # before: the epoch's images sampled before this chunk
     bar = progress(total=len(prompts), desc="sample", unit="prompt", leave=False)
     for trunks in torch.arange(len(noise)).split(args.rollout_prompts * per_prompt):
@@ -1268,9 +832,9 @@ def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor,
     out = Rollout(*map(torch.cat, zip(*(part[0] for part in parts))))  # latents: none, they are decoded
     scores = {k: torch.cat([part[1][k] for part in parts]) for k in parts[0][1]}
     batch, metrics = trained_batch(out, scores, noise_prompt, args)
-    image_prompt = noise_prompt[out.image_noise[shown]]
-    captions = [f"{prompts[p]} | {r:.3g}" for p, r in zip(image_prompt.tolist(), scores["reward"][shown].tolist())]
-    return batch, embeds, metrics, (torch.cat([part[2] for part in parts]), captions)
+    shown_prompts = [prompts[p] for p in noise_prompt[out.image_noise[shown]].tolist()]
+    return batch, embeds, metrics, (torch.cat([part[2] for part in parts]), captioned(shown_prompts,
+                                                                                     scores["reward"][shown]))
 
 
 def transition_loss(transformer, batch: Batch, rows: Tensor, embeds: PromptEmbeds, sigmas: Tensor,
@@ -1283,12 +847,12 @@ def transition_loss(transformer, batch: Batch, rows: Tensor, embeds: PromptEmbed
     pad_to = rows_per_call(args.train_batch, args.guidance) if args.compile == "on" else 0  # a compiled shape
     with autocast(transformer):
         v = cfg_velocity(transformer, x, sigma, prompts, args.guidance, pad_to)
-    _, log_prob, mean, std = sde_step(x, v, sigmas, k, args.noise_level, prev_sample=y, sampler=args.sampler)
+    _, log_prob, mean, std = sde_step(x, v, sigmas, k, args.noise_level, y=y, sampler=args.sampler)
     ref_mean = mean.detach()
     if args.beta > 0:
         with torch.no_grad(), lora_disabled(transformer), autocast(transformer):
             v_ref = cfg_velocity(transformer, x, sigma, prompts, args.guidance, pad_to)
-        ref_mean = sde_step(x, v_ref, sigmas, k, args.noise_level, prev_sample=y, sampler=args.sampler)[2]
+        ref_mean = sde_step(x, v_ref, sigmas, k, args.noise_level, y=y, sampler=args.sampler)[2]
     return grpo_loss(log_prob, batch.log_prob[rows].to(device), batch.advantage[rows].to(device),
                      step_weight.to(device)[k], mean, ref_mean, std, args.clip_range, args.beta)
 
@@ -1333,9 +897,6 @@ def update(transformer, params, optimizer, batch: Batch, embeds: PromptEmbeds, s
     return totals
 
 
-# ---------------- evaluation, and what a run writes: metrics, grids, curves, a tracker ----------------
-
-
 @torch.no_grad()
 def evaluate(pipe, prompts: list[str], reward_fn, args: Args, grid: Path, shown: int = 64) -> dict:
     """Mean rewards of one ODE sample (--eval-steps) per prompt from noise fixed by --seed (drawn on the CPU, so
@@ -1345,14 +906,15 @@ def evaluate(pipe, prompts: list[str], reward_fn, args: Args, grid: Path, shown:
     device, per_call = pipe.transformer.device, rows_per_call(args.max_batch, args.guidance)
     noise = initial_noise(pipe, len(prompts), args.resolution, torch.Generator().manual_seed(args.seed))
     chunks = [prompts[j:j + per_call] for j in range(0, len(prompts), per_call)]
-    with placed(text_encoders(pipe), device, args.offload_text_encoders):  # all at once: the encoders come once
+    # the text encoders come once, for all the chunks
+    with offload_models(*text_encoders(pipe), device=device, offload=args.offload_text_encoders):
         embeds = [encode_prompts(pipe, chunk).to("cpu") for chunk in chunks]
     scores, images, failure = [], [], None
     for chunk, chunk_embeds, chunk_noise in zip(chunks, embeds, noise.split(per_call)):
         chunk_images = ode_images(pipe, chunk_embeds.to(device), chunk_noise, args.eval_steps, args.guidance,
                                   args.max_batch, args.compile == "on")
         try:
-            with placed(reward_fn.models, device, args.offload_reward):
+            with offload_models(*reward_fn.models, device=device, offload=args.offload_reward):
                 scores.append(reward_fn(chunk_images, chunk))
         except RewardServerError as err:
             failure = err
@@ -1360,488 +922,56 @@ def evaluate(pipe, prompts: list[str], reward_fn, args: Args, grid: Path, shown:
         images.append(chunk_images[:max(0, shown - len(images) * per_call)].cpu())
     agree(failure)
     scores = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
-    if rank_and_world()[0] == 0:  # under torchrun every process evaluates the same weights; the first writes
-        save_grid(torch.cat(images), [f"{p} | {r:.3g}" for p, r in zip(prompts, scores["reward"][:shown].tolist())],
-                  grid)
+    save_grid(torch.cat(images), captioned(prompts, scores["reward"][:shown]), grid)  # from the first process
     return {f"eval_{k}": v[torch.isfinite(v)].mean().item() for k, v in scores.items()}
 
 
-def save_grid(images: Tensor, captions: list[str], path: Path, columns: int = 8, side: int = 192):
-    """A PNG of images [N, 3, H, W] in [0, 1], each over its caption."""
-    from PIL import Image, ImageDraw
-
-    rows = math.ceil(len(images) / columns)
-    text_height = 36
-    grid = Image.new("RGB", (columns * side, rows * (side + text_height)), "white")
-    draw = ImageDraw.Draw(grid)
-    for n, (image, caption) in enumerate(zip(to_pil(images), captions)):
-        x, y = n % columns * side, n // columns * (side + text_height)
-        grid.paste(image.resize((side, side), Image.NEAREST), (x, y))
-        lines = textwrap.wrap(caption, width=side // 6)[:3]
-        draw.multiline_text((x + 2, y + side + 1), "\n".join(lines), fill="black", spacing=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-
-
-def log(row: dict, path: Path):
-    """One fixed-format line per epoch, and the same numbers in metrics.jsonl."""
-    evaluation = f" | base eval {row['base_eval_reward']:.3f}" if "base_eval_reward" in row else ""
-    evaluation += f" | eval {row['eval_reward']:.3f}" if "eval_reward" in row else ""
-    print0(f"epoch {row['epoch']} | reward {row['reward_mean']:.3f} +- {row['reward_std']:.3f}{evaluation} | "
-           f"loss {row.get('loss', 0):.3g} | kl {row.get('kl', 0):.2e} | clipfrac {row.get('clipfrac', 0):.2f} | "
-           f"zero-std {row['zero_std_frac']:.2f} | nfe {row['nfe']} | {row['wall_s']:.0f} s")
-    # strict JSON has no NaN or Infinity: a non-finite number is written as null
-    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-    with path.open("a") as f:
-        f.write(json.dumps(row, allow_nan=False) + "\n")
-
-
-def keep_metrics_rows(path: Path, n: int):
-    """Truncate metrics.jsonl to its first n rows: those of the epochs a resumed run keeps."""
-    lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
-    path.write_text("".join(lines))
-
-
-def read_rows(path: Path) -> list[dict]:
-    """The metrics rows of a run, one JSON object per line of metrics.jsonl; none if there is no file yet."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_series(ax, rows: list[dict], x_key: str, key: str, log: bool = False, **style):
-    """One metric against x_key over the rows that have it (eval_* exists on evaluated epochs only); log scale when
-    asked and every value is positive."""
-    points = [(row[x_key], row[key]) for row in rows if row.get(key) is not None and x_key in row]
-    if not points:
-        return
-    xs, ys = zip(*points)
-    style.setdefault("marker", "." if len(points) == 1 else None)  # a line through one point is invisible
-    ax.plot(xs, ys, **style)
-    if log and all(y > 0 for y in ys if math.isfinite(y)):
-        ax.set_yscale("log")
-
-
-def plot_curves(rows: list[dict], path: Path):
-    """A PNG of a run's curves: reward (training's as a line, evaluation's as markers, the base model's dashed), KL
-    and clip fraction (columns) against epochs (top) and transformer evaluations (bottom, where runs of different
-    cost per epoch compare). Returns the figure, for tests."""
-    # Figure, not pyplot: no global backend switch and no figure left open in the caller's process
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import EngFormatter
-
-    fig = Figure(figsize=(12, 6), dpi=100, layout="constrained")
-    for ax_row, x_key, x_label in zip(fig.subplots(2, 3), ("epoch", "nfe"), ("epoch", "transformer evaluations (NFE)")):
-        plot_series(ax_row[0], rows, x_key, "reward_mean", label="train")
-        plot_series(ax_row[0], rows, x_key, "eval_reward", label="eval", marker="o", markersize=3)
-        if rows and "base_eval_reward" in rows[0]:
-            ax_row[0].axhline(rows[0]["base_eval_reward"], color="gray", linestyle="--", label="base")
-        if ax_row[0].get_legend_handles_labels()[0]:  # a legend with nothing in it would only warn
-            ax_row[0].legend()
-        plot_series(ax_row[1], rows, x_key, "kl", log=True)
-        plot_series(ax_row[2], rows, x_key, "clipfrac")
-        for ax, title in zip(ax_row, ("reward", "KL to base", "clip fraction")):
-            ax.set(title=title, xlabel=x_label)
-            ax.xaxis.set_major_formatter(EngFormatter())  # 20k, 1.5M: NFE runs to millions
-            ax.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return fig
-
-
-class Tracker:
-    """No tracker (no --wandb, or a process but the first): every call does nothing."""
-    def log(self, row: dict):
-        pass
-
-    def log_image(self, path: Path, key: str, epoch: int):
-        pass
-
-    def finish(self):
-        pass
-
-
-class WandbTracker(Tracker):
-    """A wandb run: metrics rows and image grids at the step of their epoch."""
-    def __init__(self, run, image: type):
-        self.run, self.image = run, image  # image: wandb.Image
-
-    def log(self, row: dict):
-        self.run.log(row, step=row["epoch"])
-
-    def log_image(self, path: Path, key: str, epoch: int):
-        self.run.log({key: self.image(str(path))}, step=epoch)
-
-    def finish(self):
-        self.run.finish()
-
-
-def open_tracker(project: str, config: dict, out: Path, resume: bool) -> WandbTracker:
-    """One wandb run per --out, its files in out/wandb; its id is kept in out/wandb_id so that --resume continues the
-    same run. WANDB_MODE=offline works without a login or network (`wandb sync out/wandb` later)."""
-    try:
-        import wandb
-    except ImportError:
-        raise SystemExit("error: --wandb needs the wandb package: pip install wandb") from None
-    id_file = out / "wandb_id"
-    run_id = id_file.read_text().strip() if resume and id_file.exists() else None  # None: wandb picks one
-    run = wandb.init(project=project, config=config, dir=str(out), id=run_id, resume="allow")
-    id_file.write_text(run.id)
-    return WandbTracker(run, wandb.Image)
-
-
-def summary(out: Path) -> str:
-    """The run in one line, from its metrics rows, and where its results are."""
-    rows = read_rows(out / "metrics.jsonl")
-    value = lambda v: "nan" if v is None else f"{v:.3f}"  # noqa: E731  (metrics.jsonl writes NaN as null)
-    evals = [row["eval_reward"] for row in rows if "eval_reward" in row]
-    if evals and "base_eval_reward" in rows[0]:
-        reward = f"eval reward {value(rows[0]['base_eval_reward'])} (base) -> {value(evals[-1])}"
-    else:
-        reward = f"reward {value(rows[0]['reward_mean'])} (epoch 0) -> {value(rows[-1]['reward_mean'])}"
-    return (f"done: {rows[-1]['epoch'] + 1} epochs | {reward} | nfe {rows[-1]['nfe']:,} | "
-            f"{rows[-1]['wall_s'] / 60:.1f} min | LoRA in {out / 'lora'}, curves {out / 'curves.png'}, grids in "
-            f"{out / 'images'}")
-
-
-# ---------------- long runs: the out folder, checkpoints, signals, failures ----------------
-
-
-# A resume may change where the run is and what it logs, evaluates or saves...
-RESUMABLE = {"out", "resume", "epochs", "save_every", "eval_every", "image_every", "eval_prompt_file", "eval_steps",
-             "max_nfe", "wandb", "eval_reward", "reward_wait", "ran_with"}
-
-
-# What runs begun before a setting existed ran with: a resume compares and continues with these
-BEFORE_SETTING = {"compile": "off", "prompt_draw": "independent"}
-
-
-# ... and the memory levers and --compile: they change the order of floating-point sums (compiled kernels round
-# differently) and of the chunks' noise draws, not what training computes, so the run goes on, though not
-# bit-identically to an uninterrupted one
-MEMORY_LEVERS = {"max_batch", "train_batch", "rollout_prompts", "gradient_checkpointing", "offload_text_encoders",
-                 "offload_reward", "reward_dtype", "compile"}
-
-
-def last_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint folder (an interrupted one, still .tmp, does not count), if any."""
-    done = sorted(p for p in (out / "checkpoints").glob("epoch_*") if p.suffix != ".tmp")
-    return done[-1] if done else None
-
-
-def run_config(args: Args, prompts: list[str]) -> dict:
-    """What config.json holds: every setting, a digest of the training prompts, so that a moved or re-saved prompt
-    file is the same data and an edited one is not, and what ran it (the libraries' versions, this file's commit)."""
-    import subprocess
-    from importlib.metadata import version
-
-    git = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
-                         text=True) if shutil.which("git") else None
-    commit = git.stdout.strip() if git and git.returncode == 0 else None  # None: not a git checkout
-    ran_with = {name: version(name) for name in ("torch", "diffusers", "transformers", "peft")}
-    return dict(asdict(args), prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
-                ran_with=dict(ran_with, python=sys.version.split()[0], commit=commit))
-
-
-def check_out(args: Args, config: dict) -> str | None:
-    """Refuse an --out that holds another run, this run without --resume, a --resume with nothing to resume or by
-    another number of processes; writes nothing. Returns a note when a resume changes a memory lever."""
-    old = saved_config(args.out)
-    if old is None:
-        check(not args.resume, f"--resume: --out {args.out} holds no run to resume (no config.json); check the "
-              f"path, or leave out --resume to start a new run")
-        return None
-    default = defaults() | BEFORE_SETTING
-    # a setting that did not exist when the run began had its default, or BEFORE_SETTING's; runs older than the
-    # digest compare paths
-    before = {k: old.get(k, default.get(k)) for k in config}
-    ignored = RESUMABLE | MEMORY_LEVERS | ({"prompt_file"} if "prompts_sha256" in old else {"prompts_sha256"})
-    flag = lambda k: "the prompts" if k == "prompts_sha256" else "--" + k.replace("_", "-")  # noqa: E731
-    changed = [f"{flag(k)} {before[k]!r} -> {config[k]!r}" for k in sorted(config) if k not in ignored
-               and before[k] != config[k]]
-    check(not changed, f"--out {args.out} holds a run with another configuration ({', '.join(changed[:3])}"
-          f"{', ...' if len(changed) > 3 else ''}); choose another --out")
-    check(args.resume, f"--out {args.out} already holds this run; pass --resume to continue it or choose another --out")
-    last, world = last_checkpoint(Path(args.out)), int(os.environ.get("WORLD_SIZE", 1))
-    processes = json.loads((last / "state.json").read_text()).get("processes", 1) if last else world
-    check(processes == world, f"--resume: the run in --out {args.out} ran as {processes} process(es), this is {world}; "
-          f"resume it with torchrun --nproc_per_node {processes} (its noise is per process)")
-    levers = [f"{flag(k)} {before[k]!r} -> {config[k]!r}" for k in sorted(MEMORY_LEVERS) if before[k] != config[k]]
-    return (f"note: --resume with {', '.join(levers)}: the same run, continued in another order of floating-point "
-            f"sums and noise draws, so not bit-identical to an uninterrupted one") if levers else None
-
-
-def check_writable(path: str):
-    """--out is a folder this process can write in (or can create), or one line saying why not."""
-    out = Path(path)
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    check(existing.is_dir(), f"--out {path!r} is a file, not a folder" if existing == out else
-          f"--out {path!r}: {str(existing)!r} is a file, not a folder")
-    try:
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as err:
-        raise SystemExit(f"error: --out {path!r}: cannot write in {str(existing)!r} ({err.strerror})") from None
-
-
-def saved_config(out: str) -> dict | None:
-    """The config.json of the run in --out; None if there is none, one line if it cannot be read."""
-    path = Path(out) / "config.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"error: --out {out}: its config.json cannot be read ({type(err).__name__}: "
-                         f"{str(err)[:80]}); move the folder aside or choose another --out") from None
-
-
-def write_config(out: Path, config: dict):
-    """The first process creates --out and writes config.json atomically (a full disk leaves no half file), once
-    every process has checked the folder."""
-    if dist.is_initialized():
-        dist.barrier()
-    if rank_and_world()[0] == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json.tmp").write_text(json.dumps(config, indent=1))
-            os.replace(out / "config.json.tmp", out / "config.json")
-        except OSError as err:
-            (out / "config.json.tmp").unlink(missing_ok=True)
-            raise SystemExit(f"error: --out {out}: cannot write config.json ({err.strerror})") from None
-
-
-def checkpoint_bytes(params: list[torch.nn.Parameter]) -> int:
-    """About what a checkpoint and lora/ take on disk: the LoRA, its two AdamW moments, its EMA, the EMA's export."""
-    return 5 * 4 * sum(p.numel() for p in params)
-
-
-def check_free_space(out: Path, params: list[torch.nn.Parameter]):
-    """Room in --out for two checkpoints (a new one is written before the last goes), or one line before epoch 0."""
-    existing = next(p for p in (out, *out.parents) if p.exists())  # (under torchrun, out may not be made yet)
-    need, free = 2 * checkpoint_bytes(params), shutil.disk_usage(existing).free
-    check(free >= need, f"--out {out}: {free / 2**20:,.0f} MiB free, and a checkpoint needs {need / 2**20:,.0f} "
-          f"MiB (two while one is written); free some space or choose another --out")
-
-
-def save_checkpoint(out: Path, transformer, params, optimizer, ema, gen: torch.Generator, state: dict):
-    """Write checkpoints/epoch_N atomically (a temporary folder renamed when complete), then drop older ones, and
-    the EMA's LoRA in out/lora: both load with load_lora_weights, so that a run stopped anywhere has its adapter.
-    Under torchrun the first process writes, with every process's generator state, after checking that all hold
-    the same LoRA."""
-    gens = [gen.get_state()]
-    if dist.is_initialized():
-        check_in_sync(params)
-        gens = [None] * dist.get_world_size()
-        dist.all_gather_object(gens, gen.get_state().cpu())
-    if rank_and_world()[0] != 0:
-        return
-    root = out / "checkpoints"
-    final, tmp = root / f"epoch_{state['epoch']:06d}", root / f"epoch_{state['epoch']:06d}.tmp"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_lora(transformer, tmp)  # the live weights, which training resumes from
-        rng = dict(gens=gens, torch=torch.get_rng_state(),
-                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-        torch.save(dict(optimizer=optimizer.state_dict(), rng=rng, ema=ema.state_dict() if ema else None),
-                   tmp / "optimizer_rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state))
-        with ema_weights(ema, params):  # evaluation's and the export's weights
-            save_lora(transformer, out / "lora.tmp")
-    except BaseException as err:  # a full disk, or a second Ctrl-C: no partial folder stays to fill it
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(out / "lora.tmp", ignore_errors=True)
-        if isinstance(err, RuntimeError):  # torch.save's failed write ("PytorchStreamWriter failed writing ...")
-            raise OSError(first_line(err)) from err
-        raise
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in root.glob("epoch_*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(out / "lora", ignore_errors=True)
-    os.replace(out / "lora.tmp", out / "lora")
-
-
-def load_checkpoint(out: Path, transformer, optimizer, ema, gen: torch.Generator) -> dict | None:
-    """Restore the last complete checkpoint; None if there is none. A checkpoint is data, never code: it loads
-    with weights_only."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    last = last_checkpoint(out)
-    if last is None:
-        return None
-    if (last / "lora.safetensors").exists():  # a checkpoint from before diffusers' format: peft's keys
-        lora = load_file(last / "lora.safetensors")
-    else:
-        lora = {k.removeprefix("transformer."): v for k, v in load_file(last / LORA_FILE).items()}
-    set_peft_model_state_dict(transformer, lora)
-    # on the CPU first: the first process saved it from its GPU, and the generator states must stay CPU tensors
-    saved = torch.load(last / "optimizer_rng.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])  # (moves its state to each parameter's device)
-    if ema is not None:
-        ema.load_state_dict(saved["ema"])
-        ema.to(transformer.device)
-    gen.set_state(saved["rng"]["gens"][rank_and_world()[0]])
-    torch.set_rng_state(saved["rng"]["torch"])
-    if saved["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    return json.loads((last / "state.json").read_text())
-
-
-class StopOnSignal:
-    """SIGINT or SIGTERM asks the loop to finish the current epoch, save a checkpoint and exit; a second one stops
-    at once. Under torchrun a Ctrl-C reaches each process twice, from the terminal and relayed by torchrun's agent,
-    so there a repeat changes nothing: the agent itself kills the processes after its --shutdown-timeout."""
-    def __init__(self):
-        self.signum, self.relayed = None, "RANK" in os.environ
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame):
-        if self.signum is not None and not self.relayed:
-            raise KeyboardInterrupt
-        if self.signum is None:
-            print0(f"{signal.Signals(signum).name}: finishing this epoch, then saving a checkpoint " + (
-                "(torchrun kills the processes after its --shutdown-timeout, 30 s unless set longer)" if self.relayed
-                else "(again to abort)"))
-        self.signum = self.signum or signum
-
-
-@contextmanager
-def memory_advice(args: Args, where: str):
-    """CUDA out of memory ends the run with one line naming the memory levers that a resume may change."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError:
-        raise SystemExit(f"error: CUDA out of memory {where}: lower --max-batch (now {args.max_batch}) "
-                         f"or --train-batch (now {args.train_batch}), or add --gradient-checkpointing, "
-                         f"--offload-text-encoders, --offload-reward; then --resume") from None
-
-
-def resume_command(args: Args, world: int) -> str:
-    """The command line that continues this run: its settings that differ from their defaults, and --resume."""
-    default = defaults(args.tiny) | METHODS[args.method] | {"compile": auto_compile()}
-    words = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", str(world)]
-    words.append(os.path.relpath(__file__))
-    for f in fields(Args):
-        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
-        if f.name == "resume" or (value == default[f.name] and f.name not in ("prompt_file", "out")):
-            continue
-        words += ([flag] if value else ["--no-" + flag[2:]]) if f.type is bool else [flag, str(value)]
-    return shlex.join(words + ["--resume"])
-
-
-def server_down(err: RewardServerError, args: Args, where: str, evaluating: bool = False):
-    """The one line that ends a run whose reward server failed, once its checkpoint is written."""
-    flag = "--eval-reward" if evaluating and args.eval_reward else "--reward"
-    with said_once():
-        raise SystemExit(f"error: {flag} {err} {where}; once the server answers, the run continues from its last "
-                         f"checkpoint with: {resume_command(args, rank_and_world()[1])}")
-
-
-def reward_failure(metrics: dict, args: Args, where: str) -> str | None:
-    """One line when no image of an epoch, or of an evaluation, had a finite reward (their mean over the finite ones
-    is NaN): nothing can be learned from it or measured. It names the reward and its parts that gave nothing."""
-    evaluation = ("--eval-reward", args.eval_reward) if args.eval_reward else ("--reward", args.reward)
-    for key, prefix, (flag, spec) in (("reward_mean", "reward_", ("--reward", args.reward)),
-                                      ("eval_reward", "eval_", evaluation)):
-        if key in metrics and not math.isfinite(metrics[key]):
-            empty = [name for name, _ in parse_spec(spec, flag) if not math.isfinite(metrics.get(prefix + name, 0))]
-            return (f"{flag} {spec!r} gave no finite reward {where}: NaN or infinite for every image, from "
-                    f"{', '.join(empty) or 'the sum'}; check that it suits the prompts (color and geneval_toy need a "
-                    f"colour word) or fix the plug-in or server")
-    return None
-
-
-# =====================================================================================================
-# The run: settings and models, then epoch after epoch
-# =====================================================================================================
-
-
-def prepare(args: Args) -> tuple[Args, dict, list, list, str | None]:
-    """All that can fail before anything loads: the settings resolved and checked, the prompt files read, --out and
-    every model looked at. Returns the settings, config.json's content, the (line, prompt) pairs of the training and
-    evaluation files, and a note on what a resume changes."""
-    args = finalize(args)
-    saved = saved_config(args.out) if args.resume else None
-    if saved:  # a run resumes with its own prompt draw
-        args.prompt_draw = saved.get("prompt_draw", BEFORE_SETTING["prompt_draw"])
-    prompts = numbered_prompts(args.prompt_file)
-    eval_prompts = numbered_prompts(args.eval_prompt_file, "--eval-prompt-file") if args.eval_prompt_file else []
-    check_writable(args.out)
-    config = run_config(args, [prompt for _, prompt in prompts])
-    note = check_out(args, config)
-    check_models(args)
-    for flag, spec in (("--reward", args.reward), ("--eval-reward", args.eval_reward)):
-        if spec:
-            check_rewards(spec, flag, prompts[0][1], args.reward_wait)
-    return args, config, prompts, eval_prompts, note
+# ======== The run: settings and models, then epoch after epoch =======================================================
 
 
 def setup(args: Args, device: torch.device) -> tuple:
-    """The pipeline, frozen but for a fresh LoRA on its transformer, the AdamW over that LoRA, its EMA, and the
-    training and evaluation rewards."""
-    place, dtype = "cpu" if args.offload_reward else device, getattr(torch, args.reward_dtype)
-    # without torchvision, transformers falls back to its PIL image processors (fine here) and says so at every start
-    with logs_dropped(["transformers.utils.import_utils"], "requires torchvision"):
-        reward_fn = load_reward(args.reward, place, dtype=dtype, wait=args.reward_wait)
-        eval_fn = reward_fn if not args.eval_reward else load_reward(args.eval_reward, place, dtype=dtype,
-                                                                     wait=args.reward_wait)
-        pipe = load_pipeline(args.model, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    for module in [pipe.transformer, pipe.vae, *text_encoders(pipe)]:
-        module.requires_grad_(False)
-        module.to("cpu" if args.offload_text_encoders and module in text_encoders(pipe) else device)
-    if device.type == "cuda":
-        pipe.vae.enable_slicing()  # one 512 px image at a time: a batch's decoder activations would take GBs
+    """The pipeline (bf16 on CUDA, float32 elsewhere: departure 6), frozen but for a fresh LoRA on its transformer,
+    the AdamW over that LoRA, its EMA, and the training and evaluation rewards."""
+    pipe, reward_fn, eval_fn = load_models(args, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(args.seed)  # LoRA's initial A
     params = add_lora(pipe.transformer, args.lora_rank)
     if args.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    return pipe, params, optimizer, make_ema(params, args.ema), reward_fn, eval_fn
+    ema = EMAModel(params, decay=EMA_DECAY) if args.ema else None  # a float32 shadow of the LoRA
+    return pipe, params, optimizer, ema, reward_fn, eval_fn
 
 
 def compiled(pipe, args: Args, prompt: str) -> tuple[Args, float | None]:
     """With --compile on: compile_transformer, warmed up at the run's three call shapes (a no-grad chunk of
     --max-batch latents, as the rollout and evaluation make; a training micro-batch of --train-batch, forward and
-    backward; with beta > 0 its reference, adapter off), in every process or in none. Returns the settings
-    (--compile off where compiling failed) and its seconds."""
+    backward; with beta > 0 its reference, adapter off). Returns the settings (--compile off where compiling failed
+    in any process) and its seconds."""
     if args.compile != "on":
         return args, None
     transformer, device = pipe.transformer, pipe.transformer.device
-    with placed(text_encoders(pipe), device, args.offload_text_encoders):
+    with offload_models(*text_encoders(pipe), device=device, offload=args.offload_text_encoders):
         embeds = encode_prompts(pipe, [prompt])
-    gen = torch.Generator().manual_seed(0)  # its own: the run draws the same noise compiled or not
+    x = initial_noise(pipe, 1, args.resolution, torch.Generator().manual_seed(0)).to(device)  # not the run's noise
+    sigma, row = torch.full((1,), 0.5, device=device), torch.zeros(1, dtype=torch.long, device=device)
 
-    def call(latents: int) -> Tensor:
-        rows = rows_per_call(latents, args.guidance)
-        x, sigma = initial_noise(pipe, rows, args.resolution, gen), torch.rand(rows, generator=gen)
-        with autocast(transformer):
-            return cfg_velocity(transformer, x.to(device), sigma.to(device),
-                                embeds.take(torch.zeros(rows, dtype=torch.long, device=device)), args.guidance)
+    def call(latents: int) -> Tensor:  # x, padded by sd3_velocity to one call of `latents` latents
+        return sd3_velocity(transformer, embeds, args.guidance, latents, pad=True)(x, sigma, row)
 
     def warm_up():
-        with torch.no_grad():
-            call(args.max_batch)
-            if args.beta > 0:
-                with lora_disabled(transformer):
-                    call(args.train_batch)
-        call(args.train_batch).float().mean().backward()
-
-    print0(f"--compile: compiling the transformer's {len(transformer.transformer_blocks)} blocks for the run's "
-           f"call shapes, once")
+        with autocast(transformer):
+            with torch.no_grad():
+                call(args.max_batch)
+                if args.beta > 0:
+                    with lora_disabled(transformer):
+                        call(args.train_batch)
+            call(args.train_batch).float().mean().backward()
     seconds = compile_transformer(transformer, warm_up)
-    if all_sum(seconds is None):  # one process that could not makes all eager: their numbers round alike
-        eager(transformer)
-        return replace(args, compile="off"), None
-    print0(f"--compile: compiled in {seconds:.0f} s (not counted in the epochs' seconds)")
-    return args, seconds
+    return (args, seconds) if seconds is not None else (replace(args, compile="off"), None)
 
 
 class Run(NamedTuple):
-    """What every epoch of a run works with, set up once by start()."""
+    """What every epoch of a run works with, set up once by train()."""
     pipe: object                 # the StableDiffusion3Pipeline, a LoRA on its transformer
     params: list                 # the LoRA's parameters, float32
     optimizer: torch.optim.Optimizer
@@ -1851,157 +981,29 @@ class Run(NamedTuple):
     sigmas: Tensor               # [T + 1] the grid
     branch_steps: list[int]      # B
     step_weight: Tensor          # [T] w_k by grid index
-    gen: torch.Generator         # this process's prompts and noise
-    out: Path
-    tracker: Tracker
+    gen: torch.Generator         # this process's noise (and its prompts with --prompt-draw independent)
+    folder: RunFolder            # --out: metrics, grids, checkpoints, lora/; how the run stops
     prompts: list[str]           # the training prompts
     eval_prompts: list[str]      # the evaluation prompts (none: no evaluation)
-    compile_s: float | None      # seconds of compiling the transformer (None: eager)
 
 
-def resume_state(run: Run, args: Args) -> dict:
-    """Where the run stands: with --resume the last checkpoint, restored into the LoRA, optimizer, EMA and
-    generators, and metrics.jsonl cut back to its epochs; epoch 0 otherwise."""
-    state = load_checkpoint(run.out, run.pipe.transformer, run.optimizer, run.ema, run.gen) if args.resume else None
-    state = state or dict(epoch=0, metrics_rows=0, nfe=0, wall_s=0.0)
-    if rank_and_world()[0] == 0:
-        keep_metrics_rows(run.out / "metrics.jsonl", state["metrics_rows"])  # drop rows of epochs after the checkpoint
-    return state
-
-
-def start(args: Args) -> tuple[Run, Args, dict]:
-    """Everything before the first epoch: the settings checked (prepare), the models loaded (setup), config.json
-    written, the epoch described, and with --resume the last checkpoint restored; returns the Run, the resolved
-    settings and where the run stands."""
-    with said_once():
-        args, config, prompts, eval_prompts, note = prepare(args)
-        device = init_distributed()
-        pipe, params, optimizer, ema, reward_fn, eval_fn = setup(args, device)
-    (rank, world), out = rank_and_world(), Path(args.out)
-    write_config(out, config)
-    check_free_space(out, params)
-    tracker = open_tracker(args.wandb, config, out, args.resume) if args.wandb and rank == 0 else Tracker()
-    sigmas = sigma_grid(pipe.scheduler, args.steps, args.shift).to(device)
-    branch_steps = parse_branch_steps(args.branch_steps, args.steps)
-    cuts = [prompt_cuts(pipe, prompts, "--prompt-file"), prompt_cuts(pipe, eval_prompts, "--eval-prompt-file")]
-    print0(*filter(None, [note, *cuts]), describe_epoch(args, branch_steps, world))
-    with memory_advice(args, "in --compile's warm-up, at the run's largest calls"):
-        args, compile_s = compiled(pipe, args, prompts[0][1])
-    gen = torch.Generator(device).manual_seed(args.seed + rank)  # each process its own noise (--prompt-draw shared)
-    run = Run(pipe, params, optimizer, ema, reward_fn, eval_fn, sigmas, branch_steps,
-              step_weights(args, sigmas, branch_steps), gen, out, tracker, [p for _, p in prompts],
-              [p for _, p in eval_prompts], compile_s)
-    state = resume_state(run, args)
-    if args.resume:
-        print0(f"--resume: {args.out} continues at epoch {state['epoch']} of {args.epochs}")
-    return run, args, state
-
-
-def evaluated(run: Run, args: Args, name: str) -> dict:
-    """evaluate() under the EMA weights, its grid in images/eval_{name}.png."""
+def evaluation(run: Run, args: Args, grid: Path) -> dict:
+    """evaluate() with the EMA weights, the model that lora/ exports; its grid at `grid`."""
     with ema_weights(run.ema, run.params):
-        return evaluate(run.pipe, run.eval_prompts, run.eval_fn, args, run.out / "images" / f"eval_{name}.png")
-
-
-def base_evaluation(run: Run, args: Args) -> dict:
-    """The base model's evaluation, as the first row's base_eval_* (the LoRA starts with B = 0: its EMA is the
-    base model); a reward that gives it nothing finite ends the run."""
-    try:
-        base = evaluated(run, args, "base")
-    except RewardServerError as err:
-        server_down(err, args, "in the base model's evaluation", evaluating=True)
-    failure = reward_failure(base, args, "in the base model's evaluation")
-    with said_once():
-        check(not failure, failure)
-    return {"base_" + k: v for k, v in base.items()}
-
-
-def save_samples(run: Run, args: Args, epoch: int, samples: tuple | None, last: bool) -> Path | None:
-    """The grid of the epoch's samples (images, captions) every --image-every epochs and at the end, from the first
-    process; its path, or None when none is due."""
-    path = run.out / "images" / f"{epoch:06d}.png"
-    if samples is None or not ((epoch + 1) % args.image_every == 0 or last) or rank_and_world()[0] != 0:
-        return None
-    save_grid(*samples, path)
-    return path
-
-
-def publish(run: Run, args: Args, row: dict, samples: tuple | None, last: bool):
-    """An epoch's outputs, from the first process: its log line and metrics row; its sample grid every
-    --image-every epochs; the curves at each evaluation and at the end; the same rows and grids to the tracker."""
-    if rank_and_world()[0] != 0:
-        return
-    epoch, grids = row["epoch"], {}
-    log(row, run.out / "metrics.jsonl")
-    if path := save_samples(run, args, epoch, samples, last):
-        grids["samples"] = path
-    if "base_eval_reward" in row:
-        grids["eval_base"] = run.out / "images" / "eval_base.png"
-    if "eval_reward" in row:
-        grids["eval"] = run.out / "images" / f"eval_{epoch:06d}.png"
-    if "eval_reward" in row or last:
-        plot_curves(read_rows(run.out / "metrics.jsonl"), run.out / "curves.png")
-    run.tracker.log(row)
-    for key, path in grids.items():
-        run.tracker.log_image(path, key, epoch)
-
-
-def pending_row(run: Run, args: Args, state: dict) -> list[dict]:
-    """The row of an epoch saved when its evaluation's reward server failed, completed by that evaluation (unless
-    this resume leaves evaluation out) and published, counted into state; none otherwise."""
-    if not state.get("pending"):
-        return []
-    row = state.pop("pending")
-    try:
-        row.update(evaluated(run, args, f"{row['epoch']:06d}") if run.eval_prompts else {})
-    except RewardServerError as err:
-        server_down(err, args, f"in epoch {row['epoch']}'s evaluation", evaluating=True)
-    publish(run, args, row, None, row["epoch"] + 1 >= args.epochs or 0 < args.max_nfe <= state["nfe"])
-    state["metrics_rows"] += 1
-    return [row]
-
-
-def checkpoint(run: Run, args: Args, state: dict):
-    """save_checkpoint of the run where state says it stands (its epoch: the next to run). A write that fails (a
-    full disk) ends the run with one line: why, that the last checkpoint is intact, and the command that resumes
-    from it."""
-    try:
-        save_checkpoint(run.out, run.pipe.transformer, run.params, run.optimizer, run.ema, run.gen,
-                        dict(state, processes=rank_and_world()[1]))
-        if rank_and_world()[0] == 0:  # how to sample with it: the T5 length training used is not the pipeline's
-            (run.out / "lora" / "README.md").write_text(textwrap.dedent(f"""\
-                The EMA LoRA of {run.out} after {state['epoch']} epoch(s). To sample with it in diffusers:
-
-                    pipe = StableDiffusion3Pipeline.from_pretrained({args.model!r}, dtype=torch.bfloat16)
-                    pipe.to("cuda").load_lora_weights({str(run.out / 'lora')!r})
-                    image = pipe(prompt, num_inference_steps={args.eval_steps}, guidance_scale={args.guidance},
-                                 max_sequence_length={t5_length(run.pipe)}, height={args.resolution},
-                                 width={args.resolution}).images[0]
-                """))
-    except OSError as err:
-        full = shutil.disk_usage(run.out).free < checkpoint_bytes(run.params)
-        last = last_checkpoint(run.out)
-        raise SystemExit(f"error: checkpoint epoch_{state['epoch']:06d} could not be written in {run.out} ("
-                         f"{'the disk is full' if full else str(err)[:100]}); "
-                         f"{f'the last one, {last.name}, is intact' if last else 'no checkpoint was written yet'}; "
-                         f"with room again: {resume_command(args, rank_and_world()[1])}") from None
+        return evaluate(run.pipe, run.eval_prompts, run.eval_fn, args, grid)
 
 
 def run_epoch(run: Run, args: Args, epoch: int, state: dict, once: dict) -> tuple[dict, tuple, Exception | None]:
     """One epoch: the rollout, rewards and advantages (collect), the optimizer steps (update), the evaluation when
     due. Returns its metrics row (with `once`, what the run's first row adds), its samples for a grid, and a reward
     server's failure in the evaluation; one in the rollout's scoring saves the epoch's start and ends the run."""
-    timer, start_s = Timer(run.pipe.transformer.device), time.time()
-    gen_state, rng_state = run.gen.get_state(), torch.get_rng_state()  # the epoch's start, for an outage
+    timer, start_s, start = Timer(run.pipe.transformer.device), time.time(), run.folder.epoch_start()
     with memory_advice(args, f"in epoch {epoch}"):
         try:
             batch, embeds, metrics, samples = collect(run.pipe, args, run.prompts, run.reward_fn, run.sigmas,
                                                       run.branch_steps, run.gen, timer, epoch)
         except RewardServerError as err:  # in every process at once: the epoch is dropped, its start saved
-            run.gen.set_state(gen_state)
-            torch.set_rng_state(rng_state)
-            checkpoint(run, args, state)
-            server_down(err, args, f"in epoch {epoch}")
+            run.folder.drop_epoch(start, state, err, epoch)
         with timer("train_s"):
             stats = update(run.pipe.transformer, run.params, run.optimizer, batch, embeds, run.sigmas, run.step_weight,
                            args, run.gen, run.ema, epoch * args.optimizer_steps)
@@ -2013,7 +1015,7 @@ def run_epoch(run: Run, args: Args, epoch: int, state: dict, once: dict) -> tupl
                                  or 0 < args.max_nfe <= nfe):  # every process: none waits
             with timer("eval_s"):
                 try:
-                    metrics.update(evaluated(run, args, f"{epoch:06d}"))
+                    metrics.update(evaluation(run, args, run.folder.eval_grid(f"{epoch:06d}")))
                 except RewardServerError as err:
                     outage = err
     # wall seconds of training: the evaluations' are not counted
@@ -2024,49 +1026,56 @@ def run_epoch(run: Run, args: Args, epoch: int, state: dict, once: dict) -> tupl
 
 def train(args: Args) -> list[dict]:
     """The whole run, resumable; returns the metrics rows of the epochs it ran. Under torchrun every process runs
-    it on its share of each epoch's prompts, and the first writes everything. Every setting is checked, and every
-    model looked for, before anything loads; --out is written only once everything has loaded."""
-    run, args, state = start(args)
-    stop = StopOnSignal()
-    # the first row of this process: the base model's evaluation (a new run's) and the compile seconds
-    once = base_evaluation(run, args) if run.eval_prompts and state["epoch"] == 0 else {}
-    once |= {"compile_s": round(run.compile_s, 2)} if run.compile_s is not None else {}
-    rows = pending_row(run, args, state)
-    done = 0 < args.max_nfe <= state["nfe"]  # a resumed run that had already spent its --max-nfe
-    bar = progress(range(state["epoch"], args.epochs if not done else state["epoch"]), desc="epochs", unit="epoch",
+    it on its share of each epoch's prompts, and the first writes everything."""
+    with said_once():  # every setting, file, model and server checked before anything loads
+        args, config, prompts, eval_prompts, note = preflight(finalize(args))
+        device = init_distributed()
+        pipe, params, optimizer, ema, reward_fn, eval_fn = setup(args, device)
+    rank, world = rank_and_world()
+    sigmas = sigma_grid(pipe.scheduler, args.steps, args.shift).to(device)  # s_0 = 1 > ... > s_T = 0
+    branch_steps = parse_steps(args.branch_steps, args.steps)  # B
+    cuts = [prompt_cuts(pipe, numbered, flag, t5_length(pipe))
+            for numbered, flag in ((prompts, "--prompt-file"), (eval_prompts, "--eval-prompt-file"))]
+    print0(*filter(None, [note, *cuts]), describe_epoch(epoch_size(args, branch_steps), args.prompts_per_epoch, world))
+    with memory_advice(args, "in --compile's warm-up, at the run's largest calls"):
+        args, compile_s = compiled(pipe, args, prompts[0][1])
+    gen = torch.Generator(device).manual_seed(args.seed + rank)  # each process its own noise
+    default = defaults(args.tiny) | METHODS[args.method] | {"compile": auto_compile()}
+    folder = RunFolder(args, config, resume_command(args, world, default, __file__), pipe.transformer, params,
+                       optimizer, ema, gen, t5_length(pipe))
+    state = folder.restore()  # epoch 0, or where --resume's last checkpoint stands
+    run = Run(pipe, params, optimizer, ema, reward_fn, eval_fn, sigmas, branch_steps,
+              step_weights(args, sigmas, branch_steps), gen, folder, [p for _, p in prompts],
+              [p for _, p in eval_prompts])
+    evaluate_now = partial(evaluation, run, args) if run.eval_prompts else None
+    # the first row this process writes: the base model's evaluation (a new run's) and the compile seconds
+    once = folder.base(evaluate_now) if evaluate_now and state["epoch"] == 0 else {}
+    once |= {"compile_s": round(compile_s, 2)} if compile_s is not None else {}
+    rows = folder.pending(state, evaluate_now)  # an epoch saved while its evaluation's server was down
+    spent = 0 < args.max_nfe <= state["nfe"]  # a resumed run that had already spent its --max-nfe
+    bar = progress(range(state["epoch"], state["epoch"] if spent else args.epochs), desc="epochs", unit="epoch",
                    initial=state["epoch"], total=args.epochs)
     for epoch in bar:
-        row, samples, outage = run_epoch(run, args, epoch, state, once)
-        once = {}
+        row, samples, outage = run_epoch(run, args, epoch, state, once)  # collect, update, evaluate when due
         rows.append(row)
+        once = {}
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", refresh=False)
         last = epoch + 1 == args.epochs or 0 < args.max_nfe <= row["nfe"]
         state = dict(epoch=epoch + 1, metrics_rows=state["metrics_rows"] + 1, nfe=row["nfe"], wall_s=row["wall_s"])
-        if outage:  # the epoch trained: it is saved with its row, which --resume completes with the evaluation
-            save_samples(run, args, epoch, samples, last)
-            checkpoint(run, args, dict(state, metrics_rows=state["metrics_rows"] - 1, pending=row))
-            server_down(outage, args, f"in epoch {epoch}'s evaluation", evaluating=True)
-        publish(run, args, row, samples, last)
-        stopping = all_sum(bool(stop.signum)) > 0  # a signal to any process stops all after this epoch
-        failure = reward_failure(row, args, f"in epoch {epoch}")
+        if outage:  # trained, not evaluated: saved with its row, which --resume completes; the run ends
+            folder.keep_pending(row, samples, state, last, outage)
+        folder.publish(row, samples, last)  # the log line, metrics.jsonl, grids, curves, the tracker
+        stopping, failure = folder.stopping(), reward_failure(row, args, f"in epoch {epoch}")
         if (epoch + 1) % args.save_every == 0 or last or stopping or failure:
-            checkpoint(run, args, state)
-        with said_once():
-            check(not failure, f"{failure}; the epoch's checkpoint is saved")
-        if stopping:
-            print0(f"stopped after epoch {epoch}, checkpoint saved; to continue: "
-                   f"{resume_command(args, rank_and_world()[1])}")
-            raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+            folder.save(state)
+        folder.end_if(stopping, failure, epoch)  # a signal, or a reward that gave nothing: saved, then stopped
         if last:
             break
-    print0(summary(run.out))  # the last epoch's checkpoint wrote lora/
-    run.tracker.finish()
+    folder.finish()
     return rows
 
 
-# =====================================================================================================
-# Entry point: tyro makes the command line from Args
-# =====================================================================================================
+# ======== Entry point: tyro makes the command line from Args =========================================================
 
 
 TINY_WORLD = Path(__file__).parent / "tiny_world" / "pipeline"  # the tiny world's trained pipeline
@@ -2078,7 +1087,7 @@ METHODS = {"tempflow": dict(rollout="branch", weighting="noise", group="seed", a
                                split_steps="0,2,4,6")}
 
 
-TINY = dict(  # --tiny: the same loop on a CPU; bench/README.md gives the measurements behind each departure
+TINY = dict(  # --tiny (departure 12): the same loop on a CPU; bench/README.md gives the measurements behind each
     model=str(TINY_WORLD), reward="geneval_toy", resolution=64, max_batch=512, train_batch=512,
     eval_prompt_file=str(TINY_WORLD.parent / "prompts.txt"),
     beta=0.004,                      # the papers' value for GenEval-style rewards
@@ -2105,129 +1114,23 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 def finalize(args: Args) -> Args:
-    """A copy of args with the method's defaults filled in, every setting checked, each failure one line naming its
-    flag. train() calls it, so Args(...) from Python and the command line resolve and fail alike."""
+    """A copy of args with the method's presets filled in and --compile auto resolved, every setting checked, each
+    failure one line naming its flag. train() calls it, so Args(...) from Python and the command line resolve and
+    fail alike."""
     args = replace(args)
     check(not args.tiny or args.model != Args.model, "tiny=True without the tiny settings: use "
           "Args(**TINY, tiny=True, ...), as --tiny on the command line does")
     check(args.method in METHODS, f"--method {args.method!r} is unknown; choose one of {', '.join(METHODS)}")
     for key, value in METHODS[args.method].items():
         setattr(args, key, getattr(args, key) or value)
-    for flag, value, choices in (("rollout", args.rollout, "branch sde tree"), ("group", args.group, "seed prompt"),
-                                 ("weighting", args.weighting, "noise uniform"),
-                                 ("adv_std", args.adv_std, "group global"), ("sampler", args.sampler, "sde cps"),
-                                 ("prompt_draw", args.prompt_draw, "shared independent")):
-        check(value in choices.split(), f"--{flag.replace('_', '-')} {value!r} is unknown; choose one of "
-              f"{choices.replace(' ', ', ')}")
-    read_prompts(args.prompt_file)
-    if args.eval_prompt_file:
-        read_prompts(args.eval_prompt_file, "--eval-prompt-file")
-    check(args.steps >= 2, f"--steps {args.steps}: need at least 2 sampling steps")
-    try:
-        steps = parse_branch_steps(args.branch_steps, args.steps)
-    except ValueError:
-        raise SystemExit(f"error: --branch-steps {args.branch_steps!r} is not a list like 0,2,4 or a range like 0-8")
-    check(steps and 0 <= steps[0] and steps[-1] <= args.steps - 2,
-          f"--branch-steps {args.branch_steps!r}: steps must lie in 0..{args.steps - 2} (T - 2; the last step is "
-          f"never trained)")
-    check(args.group == "prompt" or args.rollout != "sde", "--group seed needs --rollout branch or tree: the "
-          "samples of an SDE rollout share no initial noise; use --group prompt")
-    group = args.branches * (args.seeds_per_prompt if args.group == "prompt" else 1)
-    check(args.rollout == "tree" or args.branches >= 1 and group >= 2, f"--branches {args.branches} and "
-          f"--seeds-per-prompt {args.seeds_per_prompt} make groups of {group}; advantages need at least 2 samples "
-          f"per group")
-    check_tree(args, steps)
-    check_numbers(args)
-    check(args.sampler == "sde" or args.noise_level <= 1, f"--noise-level {args.noise_level}: --sampler cps needs "
-          f"0 < a <= 1 (its std is s_(k+1) sin(a pi / 2))")
-    check(args.finish_steps >= 0, f"--finish-steps {args.finish_steps}: must be 0 (the whole remaining grid) or more")
-    check(args.finish_steps == 0 or args.rollout == "branch", f"--finish-steps {args.finish_steps} needs "
-          f"--rollout branch: it shortens how branches end, and an SDE rollout has none")
-    factor = resolution_factor(args.model)
-    check(args.resolution > 0 and args.resolution % factor == 0,
-          f"--resolution {args.resolution}: must be a positive multiple of {factor} (VAE factor x patch size)")
-    for flag in ("epochs", "prompts_per_epoch", "seeds_per_prompt", "lora_rank", "optimizer_steps", "save_every",
-                 "eval_every", "eval_steps", "image_every", "rollout_prompts"):
-        check(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; the process group comes later, with the model
-    check(args.prompts_per_epoch % world == 0, f"--prompts-per-epoch {args.prompts_per_epoch} does not split into "
-          f"whole prompts over {world} processes; choose a multiple of {world}")
-    for flag in ("max_batch", "train_batch"):
-        check(getattr(args, flag) >= 2, f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 2 "
-              f"(CFG's two halves)")
-    check(args.reward_dtype in ("float32", "bfloat16"), f"--reward-dtype {args.reward_dtype!r} is unknown; choose "
-          f"float32 or bfloat16")
-    check(args.compile in ("auto", "on", "off"), f"--compile {args.compile!r} is unknown; choose auto, on or off")
+    check_settings(args)
     args.compile = auto_compile() if args.compile == "auto" else args.compile
-    parse_spec(args.reward)
-    if args.eval_reward:
-        parse_spec(args.eval_reward, "--eval-reward")
     return args
-
-
-# The real-valued settings: the least each may be, whether it must exceed it, and why (each must be a number; only
-# the clips may be infinite, for no clipping). A value that means nothing useful fails: --max-grad-norm -1 mirrors
-# every update (the run trains away from its reward), 0 learns nothing, --adv-clip -1 makes every advantage -1.
-BOUNDS = {"lr": (0, True, ""), "clip_range": (0, True, ""), "beta": (0, False, "0: no KL"),
-          "weight_decay": (0, False, "0: none"), "noise_level": (0, True, "the SDE needs noise"),
-          "shift": (0, False, "0: the model's own"), "guidance": (1, False, "1: no CFG, as below 1 in the pipeline"),
-          "reward_wait": (0, True, "seconds"), "max_grad_norm": (0, True, "inf: no clipping"),
-          "adv_clip": (0, True, "inf: no clipping")}
-
-
-def check_numbers(args: Args):
-    """Each of BOUNDS's settings within its bound, and the integers that have no other check."""
-    for name, (low, strict, note) in BOUNDS.items():
-        value, flag = getattr(args, name), "--" + name.replace("_", "-")
-        finite = math.isfinite(value) or (name in ("max_grad_norm", "adv_clip") and value == math.inf)
-        check(finite and (value > low if strict else value >= low), f"{flag} {value}: must be "
-              f"{'more than' if strict else 'at least'} {low}{f' ({note})' if note else ''}")
-    check(args.lr * args.weight_decay < 1, f"--weight-decay {args.weight_decay} with --lr {args.lr}: their product "
-          f"must be below 1, or each step shrinks the LoRA past zero")
-    check(args.max_nfe >= 0, f"--max-nfe {args.max_nfe}: must be 0 (no limit) or more")
 
 
 def auto_compile() -> str:
     """--compile auto: on where the transformer goes to CUDA (init_distributed), off on the CPU."""
     return "on" if torch.cuda.is_available() else "off"
-
-
-def check_tree(args: Args, branch_steps: list[int]):
-    """BranchGRPO's flags: only with --rollout tree; splits among the stochastic (branch) steps, at least 2 children,
-    something left to train."""
-    for flag in ("split_steps", "prune_depth", "prune_width"):
-        check(args.rollout == "tree" or not getattr(args, flag), f"--{flag.replace('_', '-')} needs --rollout tree "
-              f"(--method branch_grpo)")
-    if args.rollout != "tree":
-        return
-    steps = {}
-    for flag in ("split_steps", "prune_depth"):
-        try:
-            steps[flag] = parse_branch_steps(getattr(args, flag), args.steps) if getattr(args, flag) else []
-        except ValueError:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)!r} is not a list like 0,2,4 "
-                             f"or a range like 0-8")
-    check(steps["split_steps"] and set(steps["split_steps"]) <= set(branch_steps), f"--split-steps "
-          f"{args.split_steps!r}: each split must be a stochastic step, one of --branch-steps {branch_steps}")
-    check(args.split_factor >= 2, f"--split-factor {args.split_factor}: a split needs at least 2 children")
-    check(args.prune_width >= 0, f"--prune-width {args.prune_width}: must be 0 (no pruning) or more")
-    check(set(branch_steps) - set(steps["prune_depth"]), f"--prune-depth {args.prune_depth!r} prunes every "
-          f"trained step")
-
-
-def check(condition, message: str):
-    if not condition:
-        raise SystemExit(f"error: {message}")
-
-
-def resolution_factor(model: str) -> int:
-    """VAE down-sampling x patch size, read from a local model's configs (SD3's 8 x 2 for a hub id)."""
-    try:
-        vae = json.loads((Path(model) / "vae" / "config.json").read_text())
-        patch = json.loads((Path(model) / "transformer" / "config.json").read_text())["patch_size"]
-        return 2 ** (len(vae["block_out_channels"]) - 1) * patch
-    except (OSError, KeyError, ValueError):
-        return 16
 
 
 def main(argv: list[str] | None = None):
@@ -2236,8 +1139,7 @@ def main(argv: list[str] | None = None):
     try:
         train(args)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_processes()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import EMAModel
 
+import plumbing
 import reward
 import tempflow_grpo as tg
 import tiny_world
@@ -94,7 +96,7 @@ def test_sde_step_preserves_the_flow_marginals():
         sigmas = torch.tensor([1.0, s, s - ds, 0.0], dtype=torch.float64)
         x = torch.full((1, 1, 1, 1), math.sqrt(var(s)), dtype=torch.float64)
         v = x * (s - (1 - s) * c2) / var(s)  # E[x_1 - x_0 | x_s], linear in x
-        _, _, mean, std = tg.sde_step(x.double(), v.double(), sigmas.double(), 1, 0.7, prev_sample=x)
+        _, _, mean, std = tg.sde_step(x.double(), v.double(), sigmas.double(), 1, 0.7, y=x)
         predicted = (mean / x).item() ** 2 * var(s) + std.item() ** 2
         return abs(predicted - var(s - ds))
 
@@ -142,7 +144,7 @@ def step_map(sigmas, i, mu, sampler, noise_level=0.7):
     read off sde_step at x = 0 and x = 1 (the mean is linear in x)."""
     s = sigmas[i].item()
     x = torch.tensor([0.0, 1.0], dtype=torch.float64).view(2, 1, 1, 1)
-    _, _, mean, std = tg.sde_step(x, (x - mu) / s, sigmas, i, noise_level, prev_sample=x, sampler=sampler)
+    _, _, mean, std = tg.sde_step(x, (x - mu) / s, sigmas, i, noise_level, y=x, sampler=sampler)
     return (mean[1] - mean[0]).item(), mean[0].item(), std[0].item()
 
 
@@ -182,11 +184,11 @@ def test_mixed_grid_indices_in_a_batch_match_one_index_at_a_time():
     x, v = random_latents(4, seed=6)
     i = torch.tensor([0, 3, 5, 8])
     y = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
-    _, log_prob, mean, std = tg.sde_step(x, v, sigmas, i, 0.7, prev_sample=y)
+    _, log_prob, mean, std = tg.sde_step(x, v, sigmas, i, 0.7, y=y)
     x_next = tg.ode_step(x, v, sigmas, i)
     for row, k in enumerate(i.tolist()):
         r = slice(row, row + 1)
-        _, lp_k, mean_k, std_k = tg.sde_step(x[r], v[r], sigmas, k, 0.7, prev_sample=y[r])
+        _, lp_k, mean_k, std_k = tg.sde_step(x[r], v[r], sigmas, k, 0.7, y=y[r])
         assert torch.allclose(log_prob[r], lp_k) and torch.allclose(mean[r], mean_k) and torch.allclose(std[r], std_k)
         assert torch.allclose(x_next[r], tg.ode_step(x[r], v[r], sigmas, k))
 
@@ -535,7 +537,7 @@ def test_a_branch_grpo_run_counts_its_trees_cost(random_model, prompt_file, tmp_
     args = quick_args(random_model, prompt_file, tmp_path, "--method", "branch_grpo", "--split-steps", "0,1",
                       "--epochs", "1", "--no-drop-zero-std")
     row = tg.train(args)[0]
-    size = tg.epoch_size(args, tg.parse_branch_steps(args.branch_steps, args.steps))
+    size = tg.epoch_size(args, plumbing.parse_steps(args.branch_steps, args.steps))
     assert (row["images"], row["transitions"], row["nfe"]) == (size["images"], size["transitions"],
                                                                 size["rollout_nfe"] + size["train_nfe"])
     assert (size["images"], size["transitions"]) == (2 * 4, 2 * (2 + 4 + 4))
@@ -636,7 +638,7 @@ def test_default_epoch_is_the_reference_batch(tmp_path):
     prompts.write_text("a\n")
     for method in ("tempflow", "flow_grpo"):
         args = tg.finalize(tg.Args(prompt_file=str(prompts), method=method))
-        size = tg.epoch_size(args, tg.parse_branch_steps(args.branch_steps, args.steps))
+        size = tg.epoch_size(args, plumbing.parse_steps(args.branch_steps, args.steps))
         assert (args.prompts_per_epoch, size["transitions"], size["per_step"]) == (48, 10368, 5184)
 
 
@@ -644,7 +646,7 @@ def test_ema_follows_the_official_decay_schedule():
     """The official EMA: it moves at every 8th optimizer step n, to decay_n ema + (1 - decay_n) live with
     decay_n = min((1 + n) / (10 + n), 0.9), and stays put in between."""
     param = torch.nn.Parameter(torch.zeros(3))
-    ema, expected = tg.make_ema([param]), torch.zeros(3)
+    ema, expected = EMAModel([param], decay=tg.EMA_DECAY), torch.zeros(3)
     for n in range(1, 121):
         with torch.no_grad():
             param.add_(1.0)  # the live weights after optimizer step n
@@ -719,7 +721,7 @@ def quick_args(model, prompts, out, *extra):
 def lora_of(out):
     from safetensors.torch import load_file
 
-    return load_file(next((out / "checkpoints").glob("epoch_*")) / tg.LORA_FILE)
+    return load_file(next((out / "checkpoints").glob("epoch_*")) / plumbing.LORA_FILE)
 
 
 def exported_lora(out):
@@ -756,7 +758,7 @@ def test_an_epochs_sampling_does_not_grow_with_its_prompts(pipe, random_model, p
         largest.nbytes, sigmas = 0, tg.sigma_grid(pipe.scheduler, args.steps)
         batch, _, metrics, (images, captions) = tg.collect(
             pipe, args, ["a red circle", "two blue squares"], reward.load_reward("color"), sigmas,
-            tg.parse_branch_steps("", args.steps), torch.Generator().manual_seed(0), tg.Timer(torch.device("cpu")))
+            plumbing.parse_steps("", args.steps), torch.Generator().manual_seed(0), tg.Timer(torch.device("cpu")))
         seen.append((largest.nbytes, metrics["images"]))
         assert len(images) == len(captions) == min(32, metrics["images"])
     assert seen[0][0] == seen[1][0] and seen[1][1] == 4 * seen[0][1]
@@ -811,11 +813,11 @@ def test_checkpoint_interrupted_mid_write_leaves_the_previous_one(random_model, 
         tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "2", "--resume"))
     monkeypatch.undo()
     (tmp_path / "checkpoints" / "epoch_000002.tmp").mkdir()  # a kill -9 mid-write
-    (tmp_path / "checkpoints" / "epoch_000002.tmp" / tg.LORA_FILE).write_bytes(b"half")
+    (tmp_path / "checkpoints" / "epoch_000002.tmp" / plumbing.LORA_FILE).write_bytes(b"half")
     pipe = tiny_world.build_tiny_pipeline(0)
     tg.add_lora(pipe.transformer, json.loads((tmp_path / "config.json").read_text())["lora_rank"])
     optimizer = torch.optim.AdamW([p for p in pipe.transformer.parameters() if p.requires_grad])
-    state = tg.load_checkpoint(tmp_path, pipe.transformer, optimizer, None, torch.Generator())
+    state = plumbing.load_checkpoint(tmp_path, pipe.transformer, optimizer, None, torch.Generator())
     assert state["epoch"] == 1 and lora_of(tmp_path).keys() == before.keys()
 
 
@@ -836,7 +838,7 @@ def test_sigint_saves_a_checkpoint_and_exits_non_zero(random_model, prompt_file,
     assert proc.wait(timeout=120) == 128 + signal.SIGINT, proc.stderr.read()
     state = json.loads(next((tmp_path / "checkpoints").glob("epoch_*")).joinpath("state.json").read_text())
     assert 1 <= state["epoch"] < 1000 and state["metrics_rows"] == len(metrics.read_text().splitlines())
-    assert (tmp_path / "lora" / tg.LORA_FILE).exists()  # the adapter of a stopped run, as of its checkpoint
+    assert (tmp_path / "lora" / plumbing.LORA_FILE).exists()  # the adapter of a stopped run, as of its checkpoint
 
 
 def test_a_full_disk_is_one_line_with_the_last_checkpoint_intact_and_the_command_that_resumes(
@@ -862,7 +864,7 @@ def test_a_full_disk_is_one_line_with_the_last_checkpoint_intact_and_the_command
     assert "\n" not in message and "the disk is full" in message and "epoch_000001" in message and "intact" in message
     assert "--resume" in message and "--epochs 3" in message
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch_000001"]
-    assert not (tmp_path / "lora.tmp").exists() and (tmp_path / "lora" / tg.LORA_FILE).exists()
+    assert not (tmp_path / "lora.tmp").exists() and (tmp_path / "lora" / plumbing.LORA_FILE).exists()
     monkeypatch.undo()
     rows = tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "3", "--resume"))
     assert [row["epoch"] for row in rows] == [1, 2]
@@ -989,7 +991,7 @@ def test_wandb_missing_is_one_line_naming_the_flag_and_the_install(tmp_path, mon
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError, installed or not
     with pytest.raises(SystemExit) as stop:
-        tg.open_tracker("p", {}, tmp_path, resume=False)
+        plumbing.open_tracker("p", {}, tmp_path, resume=False)
     message = str(stop.value.code)
     assert "\n" not in message and "--wandb" in message and "pip install wandb" in message
 
@@ -1027,7 +1029,7 @@ def test_exported_lora_reproduces_the_trained_model():
                                   tg.sigma_grid(pipe.scheduler, 4))
     base = sample(fresh)
     with tempfile.TemporaryDirectory() as folder:
-        tg.save_lora(trained.transformer, Path(folder))
+        plumbing.save_lora(trained.transformer, Path(folder))
         fresh.load_lora_weights(folder)
     assert not torch.allclose(sample(trained), base, atol=1e-3), "the LoRA changes nothing: the test is empty"
     assert torch.allclose(sample(fresh), sample(trained), atol=1e-5)
@@ -1078,7 +1080,7 @@ def test_a_checkpoints_lora_loads_in_diffusers_as_trained(random_model, prompt_f
     torch.testing.assert_close(velocity(fresh), velocity(pipes[0]), rtol=1e-5, atol=1e-6)
     t5 = f"max_sequence_length={tg.t5_length(pipes[0])}"  # the T5 length trained with, not the pipeline's default
     assert t5 in (tmp_path / "lora" / "README.md").read_text()
-    lora, config = (tmp_path / "lora" / tg.LORA_FILE).stat(), (tmp_path / "config.json").stat()
+    lora, config = (tmp_path / "lora" / plumbing.LORA_FILE).stat(), (tmp_path / "config.json").stat()
     assert lora.st_mode == config.st_mode  # readable as every other output (safetensors writes 0600)
 
 
@@ -1325,9 +1327,9 @@ def test_compile_is_a_lever_a_resume_may_switch_with_the_note(prompt_file, tmp_p
     off on the CPU (the CUDA default is on)."""
     args = tg.finalize(tg.Args(prompt_file=prompt_file, out=str(tmp_path), compile="auto"))
     assert args.compile == ("on" if torch.cuda.is_available() else "off")
-    tg.write_config(tmp_path, tg.run_config(replace(args, compile="on"), tg.read_prompts(prompt_file)))
+    plumbing.write_config(tmp_path, plumbing.run_config(replace(args, compile="on"), plumbing.read_prompts(prompt_file)))
     resumed = replace(args, compile="off", resume=True)
-    note = tg.check_out(resumed, tg.run_config(resumed, tg.read_prompts(prompt_file)))
+    note = plumbing.check_out(resumed, plumbing.run_config(resumed, plumbing.read_prompts(prompt_file)))
     assert note and "--compile 'on' -> 'off'" in note
     with pytest.raises(SystemExit, match="--compile 'fast' is unknown"):
         tg.finalize(tg.Args(prompt_file=prompt_file, compile="fast"))
@@ -1387,10 +1389,10 @@ def test_an_epochs_prompts_are_one_shared_permutation_split_over_the_processes(r
     short = tg.drawn_prompts(3, replace(args, prompts_per_epoch=6), 0, torch.Generator())
     assert sorted(short[:3]) == sorted(short[3:]) == [0, 1, 2]
     old = tg.finalize(tg.Args(prompt_file=prompt_file, model=random_model, reward="color", out=str(tmp_path)))
-    config = tg.run_config(old, tg.read_prompts(prompt_file))
+    config = plumbing.run_config(old, plumbing.read_prompts(prompt_file))
     del config["prompt_draw"]  # a config.json written before the setting existed
-    tg.write_config(tmp_path, config)
-    assert tg.prepare(replace(old, resume=True))[0].prompt_draw == "independent"
+    plumbing.write_config(tmp_path, config)
+    assert plumbing.preflight(replace(old, resume=True))[0].prompt_draw == "independent"
 
 
 def test_resume_may_change_the_memory_levers_and_says_so(random_model, prompt_file, tmp_path, capsys):
@@ -1452,7 +1454,7 @@ def test_a_prompt_file_reads_as_its_plain_utf8_twin(tmp_path, text):
     text saved plainly, and the caption scores as it does there."""
     path = tmp_path / "p.txt"
     path.write_bytes(text.encode("utf-8"))
-    prompts = tg.read_prompts(str(path))
+    prompts = plumbing.read_prompts(str(path))
     assert prompts == ["two blue squares", "a red circle"]
     image = torch.zeros(1, 3, 64, 64)
     image[:, :, 10:20, 10:20], image[:, :, 40:50, 40:50] = torch.tensor(reward.COLORS["blue"])[:, None, None], \
@@ -1467,11 +1469,11 @@ def test_a_prompt_is_a_line_ended_by_a_newline_and_nothing_else(tmp_path):
     path = tmp_path / "p.txt"
     path.write_bytes("a red circle\u2028on the left\r\ntwo\x0cblue\x0bsquares\x1c\x1d\x1e\n\nthree\x85green "
                      "circles\n".encode("utf-8"))
-    numbered = tg.numbered_prompts(str(path))
+    numbered = plumbing.numbered_prompts(str(path))
     assert [n for n, _ in numbered] == [1, 2, 4]
     assert numbered[0][1] == "a red circle\u2028on the left" and numbered[2][1] == "three\x85green circles"
     with pytest.raises(SystemExit, match="is a folder"):
-        tg.numbered_prompts(str(tmp_path))
+        plumbing.numbered_prompts(str(tmp_path))
 
 
 def test_prompts_longer_than_the_encoders_are_named_once(pipe, tmp_path):
@@ -1480,9 +1482,9 @@ def test_prompts_longer_than_the_encoders_are_named_once(pipe, tmp_path):
 
     path = tmp_path / "p.txt"
     path.write_text("a red circle\n\n" + " ".join(["two blue squares"] * 200) + "\n")
-    note = tg.prompt_cuts(pipe, tg.numbered_prompts(str(path)), "--prompt-file")
+    note = plumbing.prompt_cuts(pipe, plumbing.numbered_prompts(str(path)), "--prompt-file", tg.t5_length(pipe))
     assert "\n" not in note and "CLIP" in note and "T5" in note and "(line 3)" in note
-    assert tg.prompt_cuts(pipe, [(1, "a red circle")], "--prompt-file") is None
+    assert plumbing.prompt_cuts(pipe, [(1, "a red circle")], "--prompt-file", tg.t5_length(pipe)) is None
     loggers = [logging.getLogger(type(pipe).encode_prompt.__module__),
                logging.getLogger("transformers.tokenization_utils_base")]
     records, handler, filters = [], logging.Handler(), [list(logger.filters) for logger in loggers]
@@ -1490,10 +1492,10 @@ def test_prompts_longer_than_the_encoders_are_named_once(pipe, tmp_path):
     for logger in loggers:
         logger.addHandler(handler)
     try:
-        pipe.encode_prompt(tg.read_prompts(str(path)), None, None, max_sequence_length=tg.t5_length(pipe))
+        pipe.encode_prompt(plumbing.read_prompts(str(path)), None, None, max_sequence_length=tg.t5_length(pipe))
         assert records, "the pipeline no longer warns: the test would prove nothing"
         records.clear()
-        tg.encode_prompts(pipe, tg.read_prompts(str(path)))
+        tg.encode_prompts(pipe, plumbing.read_prompts(str(path)))
     finally:
         for logger in loggers:
             logger.removeHandler(handler)
@@ -1545,18 +1547,18 @@ def test_evaluation_brings_the_offloaded_models_over_only_for_their_work(random_
     chunks bring the reward model only to score too."""
     pipe = tiny_world.build_tiny_pipeline(seed=0)
     reward_model, events, held = torch.nn.Linear(1, 1), [], set()
-    real_placed = tg.placed
+    real_offload_models = tg.offload_models
 
     @contextmanager
-    def placed(modules, device, offload):
+    def offload_models(*modules, device, offload):
         name = "reward" if reward_model in modules else "text" if pipe.text_encoder in modules else "other"
         if offload:
             held.add(name)
         events.append(f"+{name}")
-        with real_placed(modules, device, offload):
+        with real_offload_models(*modules, device=device, offload=offload):
             yield
         held.discard(name)
-    monkeypatch.setattr(tg, "placed", placed)
+    monkeypatch.setattr(tg, "offload_models", offload_models)
     pipe.transformer.register_forward_hook(lambda *a: events.append("transformer " + ",".join(sorted(held))))
     reward_fn = reward.load_reward("color")
     scored = reward_fn
@@ -1588,7 +1590,8 @@ def test_the_resume_command_resumes_the_same_configuration(prompt_file):
             "--no-ema", "--eval-prompt-file", "", "--branch-steps", "0,2", "--gradient-checkpointing"]
     args = tg.parse_args(argv)
     for world, launcher in ((1, ["python"]), (2, ["torchrun", "--nproc_per_node", "2"])):
-        words = shlex.split(tg.resume_command(args, world))
+        default = tg.defaults(args.tiny) | tg.METHODS[args.method] | {"compile": tg.auto_compile()}
+        words = shlex.split(plumbing.resume_command(args, world, default, tg.__file__))
         assert words[:len(launcher)] == launcher and Path(words[len(launcher)]).name == "tempflow_grpo.py"
         again = tg.parse_args(words[len(launcher) + 1:])
         assert again.resume and asdict(again) == {**asdict(args), "resume": True}
@@ -1621,7 +1624,7 @@ def test_every_missing_model_is_named_in_one_line_before_any_loads(prompt_file, 
         raise GatedRepoError("gated", response=response)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "auth_check", gated)
-    assert "accept its license at https://huggingface.co/no-such-org/no-such-sd3" in tg.model_problem(
+    assert "accept its license at https://huggingface.co/no-such-org/no-such-sd3" in plumbing.model_problem(
         "no-such-org/no-such-sd3", "model_index.json")
 
 

@@ -32,6 +32,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import plumbing  # noqa: E402
+import reward  # noqa: E402
 import tempflow_grpo as tg  # noqa: E402
 
 WORLD = ROOT / "tiny_world"
@@ -64,7 +66,7 @@ class Study:
 def label(study: Study, key: str) -> str:
     """What a metrics key measures in this study."""
     spec = study.eval_reward or study.reward
-    return {"eval_reward": f"eval {tg.parse_spec(spec)[0][0]}", "kl": "KL to the base (training)"}.get(
+    return {"eval_reward": f"eval {reward.parse_spec(spec)[0][0]}", "kl": "KL to the base (training)"}.get(
         key, key.replace("_", " "))
 
 
@@ -147,7 +149,7 @@ def eval_file(study: Study, root: Path, write: bool = False) -> Path:
     path = root / f"{study.eval_prompts.stem}_x{study.eval_samples}.txt"
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
-        captions = tg.read_prompts(str(study.eval_prompts))
+        captions = plumbing.read_prompts(str(study.eval_prompts))
         path.write_text("".join((caption + "\n") * study.eval_samples for caption in captions))
     return path
 
@@ -162,7 +164,7 @@ def run_folder(study: Study, flags: list[str], seed: int, root: Path) -> Path:
 
 
 def spent(out: Path) -> int:
-    rows = tg.read_rows(out / "metrics.jsonl")
+    rows = plumbing.read_rows(out / "metrics.jsonl")
     return rows[-1]["nfe"] if rows else 0
 
 
@@ -184,7 +186,7 @@ def run(study: Study, flags: list[str], seed: int, args) -> Path:
 
 def curve(out: Path, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(nfe, wall_s, value of key): the base model's at 0 (a KL of 0), then at every epoch that logged it."""
-    rows = tg.read_rows(out / "metrics.jsonl")
+    rows = plumbing.read_rows(out / "metrics.jsonl")
     points = [(0.0, 0.0, rows[0].get("base_" + key, 0.0))] + [(r["nfe"], r["wall_s"], r[key]) for r in rows
                                                                  if key in r]
     return tuple(np.array(column, dtype=float) for column in zip(*points))
@@ -193,7 +195,7 @@ def curve(out: Path, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def trained(out: Path, budget: int) -> int:
     """The transitions a run trained on in its epochs up to the one that spent `budget` evaluations."""
     total = 0
-    for row in tg.read_rows(out / "metrics.jsonl"):
+    for row in plumbing.read_rows(out / "metrics.jsonl"):
         total += row["transitions"]
         if row["nfe"] >= budget:
             break
@@ -210,7 +212,7 @@ def panel_weights(flags: list[str]) -> tuple[np.ndarray, np.ndarray]:
     args = tg.parse_args(["--tiny", "--prompt-file", str(PROMPTS), *flags])
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(args.model, subfolder="scheduler")
     sigmas = tg.sigma_grid(scheduler, args.steps, args.shift)
-    steps = tg.parse_branch_steps(args.branch_steps, args.steps)
+    steps = plumbing.parse_steps(args.branch_steps, args.steps)
     return sigmas[steps].numpy(), tg.noise_aware_weights(sigmas, args.noise_level, steps, args.sampler).numpy()
 
 
@@ -221,13 +223,13 @@ def train_and_heldout(study: Study, args) -> list[str]:
 
     from reward import load_reward
 
-    pipe, reward_fn = tg.load_pipeline(str(tg.TINY_WORLD)), load_reward(study.eval_reward or study.reward)
+    pipe, reward_fn = plumbing.load_pipeline(str(tg.TINY_WORLD)), load_reward(study.eval_reward or study.reward)
     train = eval_file(replace(study, eval_prompts=study.prompts), args.runs, write=True)
     files = {study.prompts.stem: train, study.eval_prompts.stem: eval_file(study, args.runs)}
     lines = [f"Final gain in {label(study, 'eval_reward')} on the training and the held-out captions, the same "
              f"{study.eval_samples} samples per caption, each variant's exported LoRA (mean +- std over seeds):", "",
              "| variant | " + " | ".join(files) + " |", "| --- |" + " --- |" * len(files)]
-    prompts, grid = {stem: tg.read_prompts(str(f)) for stem, f in files.items()}, args.runs / "scratch.png"
+    prompts, grid = {stem: plumbing.read_prompts(str(f)) for stem, f in files.items()}, args.runs / "scratch.png"
     gains = {}  # (variant, stem) -> [seeds]
     with torch.no_grad():
         for seed in range(args.seeds):
@@ -324,7 +326,7 @@ def branch_images(path: Path, prompts=("a red circle on the left", "two blue squ
 
     from reward import geneval_toy
 
-    pipe = tg.load_pipeline(str(tg.TINY_WORLD))
+    pipe = plumbing.load_pipeline(str(tg.TINY_WORLD))
     embeds, sigmas = tg.encode_prompts(pipe, list(prompts)), tg.sigma_grid(pipe.scheduler, 10)
     noise = tg.initial_noise(pipe, len(prompts), 64, torch.Generator().manual_seed(0))
     images, captions, lines = [], [], []
@@ -340,7 +342,7 @@ def branch_images(path: Path, prompts=("a red circle on the left", "two blue squ
             captions += [f"{name}, k = {k}: {r:.2f}" for k, r in zip(out.image_step[order].tolist(),
                                                                          rewards[order].tolist())]
             lines.append(f"| {name} | {rewards.mean():.3f} |")
-    tg.save_grid(torch.cat(images), captions, path, columns=len(steps) * branches, side=96)
+    plumbing.save_grid(torch.cat(images), captions, path, columns=len(steps) * branches, side=96)
     return ["", f"![branch images]({path.name}): rows {', '.join(repr(p) for p in prompts)} under each sampler "
             f"and finish (the trained tiny world, the same initial noise and the same draws), each row the "
             f"{branches} branches of steps k = {', '.join(map(str, steps))}, captioned with geneval_toy.", "",

@@ -36,6 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import plumbing  # noqa: E402
 import tempflow_grpo as tg  # noqa: E402
 from bench import sd35m  # noqa: E402
 
@@ -85,7 +86,7 @@ def sdpa_kernels(pipe, args: tg.Args) -> list[str]:
     --max-batch latents) runs, traced by torch.profiler."""
     transformer, rows = pipe.transformer, tg.rows_per_call(args.max_batch, args.guidance)
     device = transformer.device
-    with tg.placed(tg.text_encoders(pipe), device, args.offload_text_encoders):
+    with tg.offload_models(*tg.text_encoders(pipe), device=device, offload=args.offload_text_encoders):
         embeds = tg.encode_prompts(pipe, [PROMPT]).take(torch.zeros(rows, dtype=torch.long, device=device))
     x = tg.initial_noise(pipe, rows, args.resolution, torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad(), tg.autocast(transformer), torch.profiler.profile(
@@ -103,7 +104,7 @@ def worker(cap_gb: int, compile: str, folder: Path, dry_run: bool) -> dict:
     sd35m.pickscore_env(folder / "pickscore")
     pipe = sd35m.build_sd35m(device, torch.bfloat16 if device.type == "cuda" else torch.float32, dry_run)
     tg.load_pipeline = lambda model, dtype=None: pipe  # train() gets the random SD3.5-M in place of --model,
-    tg.check_models = lambda args: None                  # which it therefore need not look for
+    plumbing.check_models = lambda args: None            # which it therefore need not look for
     if dry_run:
         tg.compile_transformer = functools.partial(tg.compile_transformer, backend="aot_eager")
     seen = first_pass()

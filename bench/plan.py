@@ -40,6 +40,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import EMAModel
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map_only
@@ -47,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import plumbing  # noqa: E402
 import tempflow_grpo as tg  # noqa: E402
 from bench import sd35m  # noqa: E402
 
@@ -194,11 +196,11 @@ class World:
             p.grad = torch.zeros_like(p)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema = tg.make_ema(self.params, args.ema)
+        self.ema = EMAModel(self.params, decay=tg.EMA_DECAY) if args.ema else None
         with sd35m.building_on("meta", getattr(torch, args.reward_dtype)):
             self.reward = CLIPModel(sd35m.pickscore_config(reduced)).eval().requires_grad_(False)
         self.sigmas = tg.sigma_grid(self.pipe.scheduler, args.steps, args.shift).to("meta")
-        self.branch_steps = tg.parse_branch_steps(args.branch_steps, args.steps)
+        self.branch_steps = plumbing.parse_steps(args.branch_steps, args.steps)
 
     def resident(self, encoding: bool = False, scoring: bool = False) -> list:
         """What train() keeps on the GPU: the offloaded models only while they work."""
@@ -348,7 +350,7 @@ WORK = {"encode": "encoding", "sample": "sampling", "score": "decoding and scori
 
 def epoch_flops(args: tg.Args, result: dict) -> dict[str, float]:
     """The epoch's FLOPs by phase, from the measured ones and the epoch's sizes (tempflow_grpo.epoch_size)."""
-    size, phases = tg.epoch_size(args, tg.parse_branch_steps(args.branch_steps, args.steps)), result["phases"]
+    size, phases = tg.epoch_size(args, plumbing.parse_steps(args.branch_steps, args.steps)), result["phases"]
     return {"encode": phases["encode"]["flops"], "sample": size["rollout_nfe"] * result["flops_per_latent"],
             "score": size["images"] * phases["score"]["flops"], "train": size["transitions"] * phases["train"]["flops"]}
 

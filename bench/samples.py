@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import plumbing  # noqa: E402
 import tempflow_grpo as tg  # noqa: E402
 import tiny_world  # noqa: E402
 from reward import geneval_toy  # noqa: E402
@@ -42,7 +43,7 @@ def main():
             scores = geneval_toy(batch[half], PROMPTS[half]).tolist()
             images.append(batch[half])
             captions += [f"{label}: {p} | {r:.2f}" for p, r in zip(PROMPTS[half], scores)]
-    tg.save_grid(torch.cat(images), captions, args.out, columns=8)
+    plumbing.save_grid(torch.cat(images), captions, args.out, columns=8)
     for label, batch in (("base", base), ("fine-tuned", tuned)):
         print(f"{label}: mean geneval_toy {geneval_toy(batch, PROMPTS).mean():.3f}")
 

@@ -44,9 +44,9 @@ def build_tiny_pipeline(seed: int = 0, pretrained: bool = False):
     deterministic for a seed, every component in eval mode. pretrained=True loads the tiny world instead: the
     same components trained on captioned shapes by `python -m tiny_world.build` (the seed is then unused)."""
     if pretrained:
-        import tempflow_grpo
+        from plumbing import load_pipeline
 
-        return tempflow_grpo.load_pipeline(str(TINY_WORLD))
+        return load_pipeline(str(TINY_WORLD))
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
