@@ -243,7 +243,7 @@ def test_tiny_pipeline_is_deterministic_and_in_eval_mode(pipe):
 def test_missing_model_fails_with_one_line_naming_it():
     """Offline and without the files, loading a model exits with one line naming the model and --model."""
     with pytest.raises(SystemExit) as err:
-        tg.load_pipeline("no-such-org/no-such-model")
+        plumbing.load_pipeline("no-such-org/no-such-model")
     message = str(err.value)
     assert "\n" not in message and "no-such-org/no-such-model" in message and "--model" in message
 
@@ -1065,8 +1065,8 @@ def test_a_checkpoints_lora_loads_in_diffusers_as_trained(random_model, prompt_f
     """Every checkpoint holds its adapter in diffusers' format, alpha included: load_lora_weights(checkpoint) on a
     fresh pipeline gives the trainer's velocity (a checkpoint's peft file loaded as nothing, and by hand with alpha
     32 for 64), and a run stopped anywhere has lora/ too."""
-    pipes, load = [], tg.load_pipeline
-    monkeypatch.setattr(tg, "load_pipeline", lambda *args: pipes.append(load(*args)) or pipes[-1])
+    pipes, load = [], plumbing.load_pipeline
+    monkeypatch.setattr(plumbing, "load_pipeline", lambda *args: pipes.append(load(*args)) or pipes[-1])
     tg.train(quick_args(random_model, prompt_file, tmp_path, "--epochs", "1", "--lora-rank", "4"))
     fresh = load(random_model)
     fresh.load_lora_weights(str(next((tmp_path / "checkpoints").glob("epoch_*"))))
@@ -1090,8 +1090,8 @@ def test_a_bf16_pipeline_runs_cudas_dtype_path_on_the_cpu(random_model, prompt_f
     and softmax in bf16 where CUDA's computes them in float32); the LoRA and its gradients are float32 and finite,
     the first pass has ratio 1 and KL 0 (one optimizer step: every transition is scored by the sampling policy,
     B = 0), and the exported LoRA loads."""
-    load, setup, seen = tg.load_pipeline, tg.setup, dict(outputs=set(), params=set(), grads=[])
-    monkeypatch.setattr(tg, "load_pipeline", lambda model, dtype=None: load(model, torch.bfloat16))
+    load, setup, seen = plumbing.load_pipeline, tg.setup, dict(outputs=set(), params=set(), grads=[])
+    monkeypatch.setattr(plumbing, "load_pipeline", lambda model, dtype=None: load(model, torch.bfloat16))
 
     def watched_setup(args, device):
         pipe, params, *rest = setup(args, device)
@@ -1186,7 +1186,7 @@ def test_cuda_out_of_memory_names_the_flags_that_fix_it(random_model, prompt_fil
 ])
 def test_bad_input_fails_with_one_line_naming_the_flag(tmp_path, monkeypatch, flags, content, flag):
     """Each bad input exits with one line that names its flag, before any model is loaded."""
-    monkeypatch.setattr(tg, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(plumbing, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
     path = tmp_path / "prompts.txt"
     if content is not None:
         path.write_bytes(content)
@@ -1208,7 +1208,7 @@ def test_a_reward_plugin_is_tried_before_anything_loads(tmp_path, monkeypatch, b
     """A file.py:fn reward scores two small images before any model loads, as a server does: a wrong number of
     values, a wrong type, an exception or a file that does not import is one line naming the spec (it was an
     assert after the first rollout, gone under python -O)."""
-    monkeypatch.setattr(tg, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(plumbing, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
     plugin, prompts = tmp_path / "plugin.py", tmp_path / "p.txt"
     plugin.write_text("import torch\n" + body)
     prompts.write_text("a red circle\n")
@@ -1243,7 +1243,7 @@ def test_a_compiled_run_trains_as_the_eager_one_and_compiles_only_before_its_fir
     from torch._dynamo.utils import counters
 
     runs, graphs, pipes = {}, [], []
-    rollout, trained_batch, add_lora, load = tg.rollout, tg.trained_batch, tg.add_lora, tg.load_pipeline
+    rollout, trained_batch, add_lora, load = tg.rollout, tg.trained_batch, tg.add_lora, plumbing.load_pipeline
     compile_transformer = tg.compile_transformer
     def spy_rollout(*args, **kwargs):
         out = rollout(*args, **kwargs)
@@ -1265,7 +1265,7 @@ def test_a_compiled_run_trains_as_the_eager_one_and_compiles_only_before_its_fir
     monkeypatch.setattr(tg, "trained_batch", spy_trained_batch)
     monkeypatch.setattr(tg, "add_lora", spy_add_lora)
     monkeypatch.setattr(tg, "compile_transformer", counted)
-    monkeypatch.setattr(tg, "load_pipeline", lambda *args: pipes.append(load(*args)) or pipes[-1])
+    monkeypatch.setattr(plumbing, "load_pipeline", lambda *args: pipes.append(load(*args)) or pipes[-1])
     for name, compile in (("eager", "off"), ("compiled", "on")):
         runs[name] = dict(log_prob=[], reward=[])
         runs[name]["rows"] = tg.train(quick_args(random_model, prompt_file, tmp_path / name, "--epochs", "2",
@@ -1425,7 +1425,7 @@ def test_resume_refuses_other_data_and_names_at_most_three_differences(random_mo
 
 def test_resume_with_nothing_to_resume_is_one_line(tmp_path, monkeypatch):
     """--resume on an --out that holds no run (a mistyped path) stops with one line; nothing is created."""
-    monkeypatch.setattr(tg, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(plumbing, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
     with pytest.raises(SystemExit, match="--resume: --out .* holds no run"):
@@ -1605,7 +1605,7 @@ def test_every_missing_model_is_named_in_one_line_before_any_loads(prompt_file, 
     import huggingface_hub.constants
     from huggingface_hub.errors import GatedRepoError
 
-    monkeypatch.setattr(tg, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(plumbing, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("PICKSCORE_MODEL", str(tmp_path / "no-such-folder"))
     argv = ["--prompt-file", prompt_file, "--out", str(tmp_path / "run"), "--model", "no-such-org/no-such-sd3",
@@ -1821,7 +1821,7 @@ def test_every_reward_server_is_asked_before_any_model_loads(prompt_file, tmp_pa
     what went wrong (a closed port at once, without retries)."""
     import time
 
-    monkeypatch.setattr(tg, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(plumbing, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
     with misbehaving_server() as root:
         url = f"http://127.0.0.1:{free_port()}/score" if path == "closed" else root + path
         start = time.time()
@@ -1966,7 +1966,7 @@ def test_ctrl_c_under_torchrun_finishes_the_epoch_and_saves_it(random_model, pro
 
 def test_prompts_that_do_not_split_over_the_processes_fail_before_any_model_loads(tmp_path, monkeypatch):
     """--prompts-per-epoch not divisible by torchrun's WORLD_SIZE is one line naming the flag, before loading."""
-    monkeypatch.setattr(tg, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(plumbing, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
     monkeypatch.setenv("WORLD_SIZE", "4")
     prompts = tmp_path / "p.txt"
     prompts.write_text("a\n")
@@ -2213,7 +2213,7 @@ def test_a_shortened_world_build_runs_end_to_end(tmp_path):
     """`python -m tiny_world.build` with a few steps writes a pipeline that loads and samples."""
     world.main(["--out", str(tmp_path), "--images", "32", "--vae-steps", "2", "--steps", "2", "--batch", "4",
                 "--eval-seeds", "0"])
-    pipe = tg.load_pipeline(str(tmp_path))
+    pipe = plumbing.load_pipeline(str(tmp_path))
     assert pipe.vae.config.scaling_factor != 1.0  # measured on the set, not the default
     noise = tg.initial_noise(pipe, 1, world.SIZE, torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -103,7 +103,7 @@ def worker(cap_gb: int, compile: str, folder: Path, dry_run: bool) -> dict:
         cap_memory(cap_gb)
     sd35m.pickscore_env(folder / "pickscore")
     pipe = sd35m.build_sd35m(device, torch.bfloat16 if device.type == "cuda" else torch.float32, dry_run)
-    tg.load_pipeline = lambda model, dtype=None: pipe  # train() gets the random SD3.5-M in place of --model,
+    plumbing.load_pipeline = lambda model, dtype=None: pipe  # train() gets the random SD3.5-M in place of --model,
     plumbing.check_models = lambda args: None            # which it therefore need not look for
     if dry_run:
         tg.compile_transformer = functools.partial(tg.compile_transformer, backend="aot_eager")
