@@ -1,12 +1,7 @@
-"""What moves, checks, shows, keeps or stops a tempflow_grpo.py run, and decides none of its numbers: torchrun's
-processes and collectives, every check made before anything loads, model loading, progress lines and timers, the
-out folder (config.json, metrics.jsonl, grids, curves, a tracker, checkpoints, lora/), the resume rules, signals,
-reward-server outages and out-of-memory advice.
-
-It never imports tempflow_grpo.py: what it needs from the trainer (the settings object, their defaults, the script's
-path, the objects a checkpoint holds) comes in as values. The torchrun collectives make N processes compute the one
-process's step; nothing here changes a number of a one-process run.
-"""
+"""What moves, checks, shows, keeps or stops a tempflow_grpo.py run, deciding none of its numbers: torchrun, the checks
+before anything loads, model loading, progress lines, the out folder (config.json, metrics.jsonl, grids, curves, a
+tracker, checkpoints, lora/), resume rules, signals, reward-server outages and out-of-memory advice. It never imports
+tempflow_grpo.py: what it needs (the settings, their defaults, the script's path) comes in as values."""
 import datetime
 import hashlib
 import json
@@ -27,26 +22,24 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from diffusers.training_utils import offload_models
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from reward import RewardServerError, check_rewards, first_line, load_reward, parse_spec, required_models, to_pil
+from reward import (RewardServerError, check_rewards, first_line, load_reward, parse_spec, required_models,
+                    reward_failure, to_pil)
 
 
-# ---------------- torchrun: N processes split an epoch's prompts and make the one-process step ----------------
-# By hand, not DDP or accelerate: DDP averages gradients at every backward and needs equal micro-batch counts, while
-# here the processes train uneven numbers of transitions (the zero-advantage rule) and their step must equal the
-# one-process step on the union (tested).
-
-
+# ---------------- torchrun: N processes split an epoch's prompts and make the one-process step, by hand: DDP and
+# accelerate average gradients at every backward and need equal micro-batch counts; here the processes train uneven
+# numbers of transitions (the zero-advantage rule) and their step must equal the one-process step on the union (tested)
 def init_distributed() -> torch.device:
-    """This process's device; under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) first the process group, NCCL on
-    GPUs and gloo on CPUs. A peer that dies makes torchrun stop the others; one that hangs, the timeout."""
+    """This process's device; under torchrun (RANK, LOCAL_RANK set) first the process group: NCCL on GPUs, else gloo."""
     cuda = torch.cuda.is_available()
     if "RANK" in os.environ and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))  # a peer that hangs
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 
@@ -63,15 +56,13 @@ def print0(*lines: str):
 
 @contextmanager
 def said_once():
-    """Under torchrun every process meets the same errors of settings, files and rewards; the first says each, the
-    others exit quietly. They first give the first process time to say it: torchrun ends every process as soon as
-    one fails, and a quiet one that failed first could end the first before it had spoken."""
+    """Under torchrun the first process says each error of settings, files and rewards; the others exit quietly."""
     try:
         yield
     except SystemExit as err:
         if isinstance(err.code, str) and int(os.environ.get("RANK", 0)) > 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's ending is final, whatever the loop set
-            time.sleep(30)
+            time.sleep(30)  # for the first to speak: torchrun ends every process as soon as one fails
             raise SystemExit(1) from None
         raise
 
@@ -106,8 +97,7 @@ def agree(failure: Exception | None):
 
 
 def sum_gradients(params: list[torch.nn.Parameter]):
-    """Each parameter's gradient summed over processes in one flat all-reduce; a process that trained nothing in
-    this step adds zeros (and takes part, so nobody waits for it)."""
+    """Each gradient summed over processes in one flat all-reduce; a process that trained nothing adds zeros."""
     if not dist.is_initialized():
         return
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
@@ -121,8 +111,7 @@ TRAIN_STATS = ("policy_loss", "kl", "ratio_mean", "approx_kl", "clipfrac", "loss
 
 
 def mean_over_processes(stats: dict, weight: float) -> dict:
-    """Each of TRAIN_STATS's means over the processes that have it, weighted by their transitions (plain where
-    none has any)."""
+    """TRAIN_STATS's means over the processes that have each, weighted by transitions (plain where none has any)."""
     if not dist.is_initialized():
         return stats
     parts = [[stats[k] * weight, weight, stats[k], 1.0] if k in stats else [0.0] * 4 for k in TRAIN_STATS]
@@ -138,8 +127,8 @@ def close_processes():
 
 
 def reward_metrics(scores: dict, groups: Tensor, zero_std: Tensor, transitions: int) -> dict:
-    """An epoch's reward metrics from every process's scores (name -> [M], NaN where invalid), the images' group ids
-    [M] and whether each group's rewards were all equal [M]; transitions: those trained, over every process."""
+    """An epoch's reward metrics from all processes' scores (name -> [M], NaN where invalid), group ids [M] and
+    whether each image's group had equal rewards [M]; transitions: those trained, over all processes."""
     valid = torch.isfinite(scores["reward"])
     rewards = scores["reward"][valid]
     metrics = dict(reward_mean=rewards.mean().item(), reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
@@ -149,31 +138,14 @@ def reward_metrics(scores: dict, groups: Tensor, zero_std: Tensor, transitions: 
     return metrics
 
 
-def check_in_sync(params: list[torch.nn.Parameter]):
-    """Every process holds the same LoRA (the reduced gradients keep it so); a bug that broke that would otherwise
-    train N diverging models in silence."""
-    if not dist.is_initialized():
-        return
-    mine = torch.cat([p.detach().flatten() for p in params]).to(_wire())
-    first = mine.clone()
-    dist.broadcast(first, 0)
-    differs = torch.tensor(float(not torch.equal(mine, first)), device=_wire())
-    dist.all_reduce(differs)
-    if differs.item():
-        raise RuntimeError(f"the LoRA weights of {int(differs.item())} process(es) differ from process 0's")
-
-
 # ---------------- the checks made before anything loads: settings, prompt files, --out, models, servers ----------
-
-
 def check(condition, message: str):
     if not condition:
         raise SystemExit(f"error: {message}")
 
 
 def parse_steps(text: str, steps: int, flag: str = "--branch-steps") -> list[int]:
-    """`0-8` or `0,2,4` -> sorted grid indices; empty means every step but the last, 0..T-2. Text that is neither is
-    one line naming the flag."""
+    """`0-8` or `0,2,4` -> sorted grid indices; empty: 0..T-2, every step but the last; else one line naming flag."""
     if not text:
         return list(range(steps - 1))
     picked = set()
@@ -192,9 +164,8 @@ def read_prompts(path: str, flag: str = "--prompt-file") -> list[str]:
 
 
 def numbered_prompts(path: str, flag: str = "--prompt-file") -> list[tuple[int, str]]:
-    """(line number, prompt) of each non-blank line, a line being what ends at "\n" (and only there: str.splitlines
-    would also break at U+2028, form feed and more). A byte-order mark (Windows editors write one), the "\r" of
-    "\r\n" and zero-width spaces at a line's ends are dropped: the tokenizers would read them as part of a word."""
+    """(line number, prompt) of each non-blank line, split at "\n" only; a BOM, "\r" and zero-width spaces at a line's
+    ends are dropped (the tokenizers would read them as part of a word)."""
     file = Path(path)
     if not path:
         raise SystemExit(f"error: {flag} is required")
@@ -207,8 +178,7 @@ def numbered_prompts(path: str, flag: str = "--prompt-file") -> list[tuple[int, 
     except UnicodeDecodeError as err:
         raise SystemExit(f"error: {flag} {path!r} is not UTF-8 text ({err.reason} at byte {err.start}); save it "
                          f"as UTF-8") from None
-    prompts = [(n, line.strip().strip("\ufeff\u200b").strip()) for n, line in enumerate(lines, start=1)]
-    prompts = [(n, prompt) for n, prompt in prompts if prompt]
+    prompts = [(n, p) for n, line in enumerate(lines, start=1) if (p := line.strip().strip("\ufeff\u200b").strip())]
     if not prompts:
         raise SystemExit(f"error: {flag} {path!r} has no prompts (it is empty or only blank lines)")
     return prompts
@@ -218,6 +188,14 @@ def numbered_prompts(path: str, flag: str = "--prompt-file") -> list[tuple[int, 
 CHOICES = dict(rollout="branch sde tree", group="seed prompt", weighting="noise uniform", adv_std="group global",
                sampler="sde cps", prompt_draw="shared independent", reward_dtype="float32 bfloat16",
                compile="auto on off")
+
+# Real-valued settings: the least each may be, whether it must exceed it, and why (only the clips may be infinite). A
+# useless value fails: --max-grad-norm -1 mirrors every update, 0 learns nothing, --adv-clip -1 makes every advantage -1
+BOUNDS = {"lr": (0, True, ""), "clip_range": (0, True, ""), "beta": (0, False, "0: no KL"),
+          "weight_decay": (0, False, "0: none"), "noise_level": (0, True, "the SDE needs noise"),
+          "shift": (0, False, "0: the model's own"), "guidance": (1, False, "1: no CFG, as below 1 in the pipeline"),
+          "reward_wait": (0, True, "seconds"), "max_grad_norm": (0, True, "inf: no clipping"),
+          "adv_clip": (0, True, "inf: no clipping")}
 
 
 def check_settings(args):
@@ -230,23 +208,33 @@ def check_settings(args):
         read_prompts(args.eval_prompt_file, "--eval-prompt-file")
     check(args.steps >= 2, f"--steps {args.steps}: need at least 2 sampling steps")
     steps = parse_steps(args.branch_steps, args.steps)
-    check(steps and 0 <= steps[0] and steps[-1] <= args.steps - 2,
-          f"--branch-steps {args.branch_steps!r}: steps must lie in 0..{args.steps - 2} (T - 2; the last step is "
-          f"never trained)")
+    check(steps and 0 <= steps[0] and steps[-1] <= args.steps - 2, f"--branch-steps {args.branch_steps!r}: steps "
+          f"must lie in 0..{args.steps - 2} (T - 2; the last step is never trained)")
     check(args.group == "prompt" or args.rollout != "sde", "--group seed needs --rollout branch or tree: the "
           "samples of an SDE rollout share no initial noise; use --group prompt")
     group = args.branches * (args.seeds_per_prompt if args.group == "prompt" else 1)
-    check(args.rollout == "tree" or args.branches >= 1 and group >= 2, f"--branches {args.branches} and "
-          f"--seeds-per-prompt {args.seeds_per_prompt} make groups of {group}; advantages need at least 2 samples "
-          f"per group")
+    check(args.rollout == "tree" or args.branches >= 1 and group >= 2, f"--branches {args.branches} and --seeds-per-"
+          f"prompt {args.seeds_per_prompt} make groups of {group}; advantages need at least 2 samples per group")
     check_tree(args, steps)
-    check_numbers(args)
+    for name, (low, strict, note) in BOUNDS.items():
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        finite = math.isfinite(value) or (name in ("max_grad_norm", "adv_clip") and value == math.inf)
+        check(finite and (value > low if strict else value >= low), f"{flag} {value}: must be "
+              f"{'more than' if strict else 'at least'} {low}{f' ({note})' if note else ''}")
+    check(args.lr * args.weight_decay < 1, f"--weight-decay {args.weight_decay} with --lr {args.lr}: their product "
+          f"must be below 1, or each step shrinks the LoRA past zero")
+    check(args.max_nfe >= 0, f"--max-nfe {args.max_nfe}: must be 0 (no limit) or more")
     check(args.sampler == "sde" or args.noise_level <= 1, f"--noise-level {args.noise_level}: --sampler cps needs "
           f"0 < a <= 1 (its std is s_(k+1) sin(a pi / 2))")
     check(args.finish_steps >= 0, f"--finish-steps {args.finish_steps}: must be 0 (the whole remaining grid) or more")
     check(args.finish_steps == 0 or args.rollout == "branch", f"--finish-steps {args.finish_steps} needs "
           f"--rollout branch: it shortens how branches end, and an SDE rollout has none")
-    factor = resolution_factor(args.model)
+    try:  # VAE down-sampling x patch size, from a local model's configs (SD3's 8 x 2 for a hub id)
+        vae = json.loads((Path(args.model) / "vae" / "config.json").read_text())
+        patch = json.loads((Path(args.model) / "transformer" / "config.json").read_text())["patch_size"]
+        factor = 2 ** (len(vae["block_out_channels"]) - 1) * patch
+    except (OSError, KeyError, ValueError):
+        factor = 16
     check(args.resolution > 0 and args.resolution % factor == 0,
           f"--resolution {args.resolution}: must be a positive multiple of {factor} (VAE factor x patch size)")
     for flag in ("epochs", "prompts_per_epoch", "seeds_per_prompt", "lora_rank", "optimizer_steps", "save_every",
@@ -263,31 +251,8 @@ def check_settings(args):
         parse_spec(args.eval_reward, "--eval-reward")
 
 
-# The real-valued settings: the least each may be, whether it must exceed it, and why (each must be a number; only
-# the clips may be infinite, for no clipping). A value that means nothing useful fails: --max-grad-norm -1 mirrors
-# every update (the run trains away from its reward), 0 learns nothing, --adv-clip -1 makes every advantage -1.
-BOUNDS = {"lr": (0, True, ""), "clip_range": (0, True, ""), "beta": (0, False, "0: no KL"),
-          "weight_decay": (0, False, "0: none"), "noise_level": (0, True, "the SDE needs noise"),
-          "shift": (0, False, "0: the model's own"), "guidance": (1, False, "1: no CFG, as below 1 in the pipeline"),
-          "reward_wait": (0, True, "seconds"), "max_grad_norm": (0, True, "inf: no clipping"),
-          "adv_clip": (0, True, "inf: no clipping")}
-
-
-def check_numbers(args):
-    """Each of BOUNDS's settings within its bound, and the integers that have no other check."""
-    for name, (low, strict, note) in BOUNDS.items():
-        value, flag = getattr(args, name), "--" + name.replace("_", "-")
-        finite = math.isfinite(value) or (name in ("max_grad_norm", "adv_clip") and value == math.inf)
-        check(finite and (value > low if strict else value >= low), f"{flag} {value}: must be "
-              f"{'more than' if strict else 'at least'} {low}{f' ({note})' if note else ''}")
-    check(args.lr * args.weight_decay < 1, f"--weight-decay {args.weight_decay} with --lr {args.lr}: their product "
-          f"must be below 1, or each step shrinks the LoRA past zero")
-    check(args.max_nfe >= 0, f"--max-nfe {args.max_nfe}: must be 0 (no limit) or more")
-
-
 def check_tree(args, branch_steps: list[int]):
-    """BranchGRPO's flags: only with --rollout tree; splits among the stochastic (branch) steps, at least 2 children,
-    something left to train."""
+    """BranchGRPO's flags: --rollout tree only; splits at branch steps, 2+ children, something left to train."""
     for flag in ("split_steps", "prune_depth", "prune_width"):
         check(args.rollout == "tree" or not getattr(args, flag), f"--{flag.replace('_', '-')} needs --rollout tree "
               f"(--method branch_grpo)")
@@ -303,37 +268,22 @@ def check_tree(args, branch_steps: list[int]):
           f"trained step")
 
 
-def resolution_factor(model: str) -> int:
-    """VAE down-sampling x patch size, read from a local model's configs (SD3's 8 x 2 for a hub id)."""
-    try:
-        vae = json.loads((Path(model) / "vae" / "config.json").read_text())
-        patch = json.loads((Path(model) / "transformer" / "config.json").read_text())["patch_size"]
-        return 2 ** (len(vae["block_out_channels"]) - 1) * patch
-    except (OSError, KeyError, ValueError):
-        return 16
-
-
 def check_models(args):
-    """Look for every model the run loads (the pipeline, the rewards' models) before loading any, and name all that
-    cannot be had in one line, each with how to get it."""
+    """Look for every model the run loads (pipeline, rewards') before loading any; one line names all it lacks."""
     needs = [("--model", args.model, "model_index.json", "--model /path/to/a/local/copy")]
     for flag, spec in (("--reward", args.reward), ("--eval-reward", args.eval_reward)):
         needs += [(f"{flag} {name}", model, file, f"{env}=/path/to/a/local/copy")
                   for name, model, env, file in (required_models(spec, flag) if spec else [])]
-    missing = []
-    for flag, model, file, local in {need[1]: need for need in needs}.values():  # each model once
-        why = model_problem(model, file)
-        missing += [f"{flag} needs {model!r}, {why} (or {local})"] if why else []
+    missing = [f"{flag} needs {model!r}, {why} (or {local})" for flag, model, file, local in
+               {need[1]: need for need in needs}.values() if (why := model_problem(model, file))]  # each model once
     check(not missing, f"{len(missing)} model(s) this run needs cannot be loaded: {'; '.join(missing)}")
 
 
 def model_problem(model: str, file: str) -> str | None:
-    """Why `model`, a local folder or a hub id, cannot be loaded, or None: a folder, a hub id whose `file` is in
-    the local cache, or one the hub serves to this login."""
+    """Why `model` (a folder or hub id) cannot load, or None: a folder, `file` in the hub's cache, or hub-served."""
     import huggingface_hub as hub
     from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
     from huggingface_hub.utils import validate_repo_id
-
     if Path(model).is_dir():
         return None
     try:
@@ -356,18 +306,6 @@ def model_problem(model: str, file: str) -> str | None:
     return None
 
 
-def check_writable(path: str):
-    """--out is a folder this process can write in (or can create), or one line saying why not."""
-    out = Path(path)
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    check(existing.is_dir(), f"--out {path!r} is a file, not a folder" if existing == out else
-          f"--out {path!r}: {str(existing)!r} is a file, not a folder")
-    try:
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as err:
-        raise SystemExit(f"error: --out {path!r}: cannot write in {str(existing)!r} ({err.strerror})") from None
-
-
 def saved_config(out: str) -> dict | None:
     """The config.json of the run in --out; None if there is none, one line if it cannot be read."""
     path = Path(out) / "config.json"
@@ -383,17 +321,12 @@ def saved_config(out: str) -> dict | None:
 # A resume may change where the run is and what it logs, evaluates or saves...
 RESUMABLE = {"out", "resume", "epochs", "save_every", "eval_every", "image_every", "eval_prompt_file", "eval_steps",
              "max_nfe", "wandb", "eval_reward", "reward_wait", "ran_with"}
-
-
-# What runs begun before a setting existed ran with: a resume compares and continues with these
-BEFORE_SETTING = {"compile": "off", "prompt_draw": "independent"}
-
-
 # ... and the memory levers and --compile: they change the order of floating-point sums (compiled kernels round
-# differently) and of the chunks' noise draws, not what training computes, so the run goes on, though not
-# bit-identically to an uninterrupted one
+# differently) and of noise draws, not what training computes: the run goes on, not bit-identical to an unbroken one
 MEMORY_LEVERS = {"max_batch", "train_batch", "rollout_prompts", "gradient_checkpointing", "offload_text_encoders",
                  "offload_reward", "reward_dtype", "compile"}
+# What runs begun before a setting existed ran with: a resume compares and continues with these
+BEFORE_SETTING = {"compile": "off", "prompt_draw": "independent"}
 
 
 def last_checkpoint(out: Path) -> Path | None:
@@ -403,16 +336,15 @@ def last_checkpoint(out: Path) -> Path | None:
 
 
 def check_out(args, config: dict) -> str | None:
-    """Refuse an --out that holds another run, this run without --resume, a --resume with nothing to resume or by
-    another number of processes; writes nothing. Returns a note when a resume changes a memory lever."""
+    """Refuse an --out holding another run, or this one without --resume, or a --resume of nothing or by another
+    number of processes; writes nothing. Returns a note when a resume changes a memory lever."""
     old = saved_config(args.out)
     if old is None:
         check(not args.resume, f"--resume: --out {args.out} holds no run to resume (no config.json); check the "
               f"path, or leave out --resume to start a new run")
         return None
     default = {f.name: f.default for f in fields(args)} | BEFORE_SETTING
-    # a setting that did not exist when the run began had its default, or BEFORE_SETTING's; runs older than the
-    # digest compare paths
+    # a setting that did not exist when the run began had its default, or BEFORE_SETTING's; older runs compare paths
     before = {k: old.get(k, default.get(k)) for k in config}
     ignored = RESUMABLE | MEMORY_LEVERS | ({"prompt_file"} if "prompts_sha256" in old else {"prompts_sha256"})
     flag = lambda k: "the prompts" if k == "prompts_sha256" else "--" + k.replace("_", "-")  # noqa: E731
@@ -431,29 +363,33 @@ def check_out(args, config: dict) -> str | None:
 
 
 def run_config(args, prompts: list[str]) -> dict:
-    """What config.json holds: every setting, a digest of the training prompts, so that a moved or re-saved prompt
-    file is the same data and an edited one is not, and what ran it (the libraries' versions, this file's commit)."""
+    """config.json: the settings, the prompts' digest (a moved file is the same data, an edited one is not), and what
+    ran it (the libraries' versions, this file's commit)."""
     from importlib.metadata import version
-
     git = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
                          text=True) if shutil.which("git") else None
     commit = git.stdout.strip() if git and git.returncode == 0 else None  # None: not a git checkout
-    ran_with = {name: version(name) for name in ("torch", "diffusers", "transformers", "peft")}
     return dict(asdict(args), prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
-                ran_with=dict(ran_with, python=sys.version.split()[0], commit=commit))
+                ran_with={**{name: version(name) for name in ("torch", "diffusers", "transformers", "peft")},
+                          "python": sys.version.split()[0], "commit": commit})
 
 
 def preflight(args) -> tuple[object, dict, list[tuple[int, str]], list[tuple[int, str]], str | None]:
-    """All that can fail before anything loads, for settings that finalize() has resolved: the prompt files read,
-    --out and every model looked at, every reward called once. Returns the settings (a resumed run keeps its own
-    --prompt-draw), config.json's content, the (line, prompt) pairs of the training and evaluation files, and a
-    note on what a resume changes."""
+    """All that can fail before loading (prompt files, --out, models, each reward), for finalized settings. Returns
+    them (a resume keeps its --prompt-draw), config.json, both files' (line, prompt) pairs and a resume's note."""
     saved = saved_config(args.out) if args.resume else None
     if saved:  # a run resumes with its own prompt draw
         args = replace(args, prompt_draw=saved.get("prompt_draw", BEFORE_SETTING["prompt_draw"]))
     prompts = numbered_prompts(args.prompt_file)
     eval_prompts = numbered_prompts(args.eval_prompt_file, "--eval-prompt-file") if args.eval_prompt_file else []
-    check_writable(args.out)
+    out = Path(args.out)  # a folder this process can write in (or can create), or one line saying why not
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    check(existing.is_dir(), f"--out {args.out!r} is a file, not a folder" if existing == out else
+          f"--out {args.out!r}: {str(existing)!r} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise SystemExit(f"error: --out {args.out!r}: cannot write in {str(existing)!r} ({err.strerror})") from None
     config = run_config(args, [prompt for _, prompt in prompts])
     note = check_out(args, config)
     check_models(args)
@@ -464,11 +400,9 @@ def preflight(args) -> tuple[object, dict, list[tuple[int, str]], list[tuple[int
 
 
 # ---------------- loading, and the libraries' glue: models, prompt lengths, compiling, the LoRA's files ----------
-
-
 def load_models(args, device: torch.device, dtype: torch.dtype) -> tuple:
-    """The pipeline in `dtype`, frozen, each module where it works (the text encoders on the CPU with
-    --offload-text-encoders), and the training and evaluation rewards (reward.py, on the CPU with --offload-reward)."""
+    """The frozen pipeline in `dtype`, each module on its device (the text encoders on the CPU with --offload-text-
+    encoders), and the training and evaluation rewards (reward.py; on the CPU with --offload-reward)."""
     place, reward_dtype = "cpu" if args.offload_reward else device, getattr(torch, args.reward_dtype)
     # without torchvision, transformers falls back to its PIL image processors (fine here) and says so at every start
     with logs_dropped(["transformers.utils.import_utils"], "requires torchvision"):
@@ -486,8 +420,7 @@ def load_models(args, device: torch.device, dtype: torch.dtype) -> tuple:
 
 
 def is_terminal() -> bool:
-    """Whether both output streams are terminals, where a bar redraws in place. Elsewhere (`> train.log`, nohup, a
-    job scheduler, `| tee`) every redraw would stay in the file as text."""
+    """Whether stdout and stderr are terminals; elsewhere (a log file, nohup, `| tee`) every redraw stays as text."""
     return all(stream is not None and stream.isatty() for stream in (sys.stdout, sys.stderr))
 
 
@@ -495,16 +428,14 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
     """StableDiffusion3Pipeline from a hub id or a local folder, or one line saying how to provide it."""
     import diffusers
     import transformers
-
     if not is_terminal():  # in a log file their loading bars would be redraws
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
     try:
-        pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype)
+        return diffusers.StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype)
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise SystemExit(f"error: cannot load --model {model!r}: {reason}") from None
-    return pipe
 
 
 @contextmanager
@@ -522,15 +453,13 @@ def logs_dropped(loggers: list[str], *phrases: str):
 
 
 def without_truncation_warnings(pipe):
-    """The pipeline and the tokenizers warn at every encoding of a prompt longer than the text encoders take, with
-    its cut text (every epoch, in a log file); prompt_cuts says it once, at the start."""
+    """Drops the warnings at every encoding of a too-long prompt; prompt_cuts says it once, at the start."""
     return logs_dropped([type(pipe).encode_prompt.__module__, "transformers.tokenization_utils_base"],
                         "The following part of your input was truncated", "Token indices sequence length is longer")
 
 
 def prompt_cuts(pipe, numbered: list[tuple[int, str]], flag: str, t5_length: int) -> str | None:
-    """One line naming the prompts (line numbers) that are longer than CLIP's tokens or than the t5_length T5 tokens
-    the run encodes, which the pipeline cuts there; None if none is."""
+    """One line naming the prompts (by line) the pipeline cuts at CLIP's tokens or at t5_length T5 tokens, or None."""
     if not numbered:
         return None
     parts = []
@@ -547,11 +476,8 @@ def prompt_cuts(pipe, numbered: list[tuple[int, str]], flag: str, t5_length: int
 
 
 def compile_transformer(transformer, warm_up, backend: str = "inductor") -> float | None:
-    """torch.compile each of the transformer's blocks in place (regional compilation: the blocks of one kind share
-    their graphs, and the weights keep their names), then run warm_up(), the run's calls at each of their fixed
-    shapes, so that all compiling happens here. Returns its seconds; None where compiling failed in any process (a
-    torch or peft that cannot): the blocks are eager again in every process (their numbers round alike) and one
-    line names the error, for an optimisation never ends a run."""
+    """torch.compile each transformer block in place (blocks of one kind share graphs, weights keep their names), then
+    warm_up(): all compiling happens here. Returns its seconds; None where any process failed: all run eager."""
     print0(f"--compile: compiling the transformer's {len(transformer.transformer_blocks)} blocks for the run's call "
            f"shapes, once")
     start, seconds = time.perf_counter(), None
@@ -563,14 +489,14 @@ def compile_transformer(transformer, warm_up, backend: str = "inductor") -> floa
         warm_up()
     except torch.cuda.OutOfMemoryError:
         raise  # the run's own calls would not fit either: memory_advice's line, not a warning
-    except Exception as err:
+    except Exception as err:  # an optimisation never ends a run
         err = getattr(err, "inner_exception", None) or err  # what a backend raised, inside dynamo's wrapper
         print0(f"warning: --compile failed ({type(err).__name__}: {first_line(err)}); the run goes on eager")
     else:
         seconds = time.perf_counter() - start
     finally:
         transformer.zero_grad(set_to_none=True)  # the warm-up's backward leaves nothing behind
-    if all_sum(seconds is None):  # one process that could not makes all eager
+    if all_sum(seconds is None):  # one process that could not makes all eager (their numbers round alike)
         eager(transformer)
         return None
     print0(f"--compile: compiled in {seconds:.0f} s (not counted in the epochs' seconds)")
@@ -589,11 +515,9 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def save_lora(transformer, folder: Path):
-    """The adapter in diffusers' format, alpha included: StableDiffusion3Pipeline.load_lora_weights(folder) loads it
-    as trained."""
+    """The adapter in diffusers' format, alpha included: load_lora_weights(folder) loads it as trained."""
     from diffusers import StableDiffusion3Pipeline
     from peft.utils import get_peft_model_state_dict
-
     StableDiffusion3Pipeline.save_lora_weights(
         folder, transformer_lora_layers=get_peft_model_state_dict(transformer), weight_name=LORA_FILE,
         transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
@@ -605,20 +529,17 @@ def save_lora(transformer, folder: Path):
 @contextmanager
 def ema_weights(ema, params: list[torch.nn.Parameter]):
     """The EMA weights in place of the live ones for a while (evaluation, export); the live ones without an EMA."""
-    if ema is None:
-        yield
-        return
-    ema.store(params)
-    ema.copy_to(params)
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
     try:
         yield
     finally:
-        ema.restore(params)
+        if ema is not None:
+            ema.restore(params)
 
 
 # ---------------- progress lines, timers, memory ----------------
-
-
 def describe_epoch(size: dict, prompts: int, world: int) -> str:
     """An epoch's size (the trainer's epoch_size of its settings, for `prompts` prompts), in one line."""
     return (f"epoch: {prompts} prompts x {size['trunks'] // prompts} noises"
@@ -649,8 +570,7 @@ class Timer:
 
 
 class PlainLines:
-    """A file for tqdm that turns each refresh ('\\r' + status + padding) into one line on stdout, beside the log
-    lines; the blank refreshes of closing are dropped."""
+    """A file for tqdm: each refresh ('\\r' + status + padding) one line on stdout; closing's blank ones dropped."""
     def write(self, text: str):
         text = text.strip("\r\n").rstrip()
         if text:
@@ -661,14 +581,11 @@ class PlainLines:
 
 
 def progress(iterable=None, every_s: float = 300, **kwargs) -> tqdm:
-    """tqdm's bar on a terminal; elsewhere one plain line every every_s seconds, the first after every_s, so that a
-    long epoch says where it is in a log file and a short one adds nothing to it."""
+    """tqdm's bar on a terminal; elsewhere a plain line every every_s seconds, the first after every_s (a log file)."""
     kwargs.setdefault("disable", rank_and_world()[0] != 0)  # under torchrun the first process speaks for all
-    if is_terminal():
-        return tqdm(iterable, **kwargs)
-    # position=0: a nested bar would move the cursor up and down with escape codes
-    kwargs.update(file=PlainLines(), mininterval=every_s, delay=every_s, position=0,
-                  bar_format="{desc}: {n_fmt}/{total_fmt} {unit}, {elapsed} elapsed, {remaining} left")
+    if not is_terminal():  # position=0: a nested bar would move the cursor up and down with escape codes
+        kwargs.update(file=PlainLines(), mininterval=every_s, delay=every_s, position=0,
+                      bar_format="{desc}: {n_fmt}/{total_fmt} {unit}, {elapsed} elapsed, {remaining} left")
     return tqdm(iterable, **kwargs)
 
 
@@ -684,6 +601,23 @@ def memory_advice(args, where: str):
 
 
 # ---------------- the out folder: metrics, grids, curves, a tracker, checkpoints, lora/ ----------------
+def scored(samples, reward_fn, device: torch.device, offload: bool, grid: Path, shown: int = 64) -> dict:
+    """Mean rewards (eval_<name>) of (prompts, images [n, 3, H, W]) chunks scored as they come (with offload, the
+    reward model on the device only then); the first `shown` to a grid. A server's failure raises in every process."""
+    scores, images, prompts, failure = [], [], [], None
+    for chunk, chunk_images in samples:
+        try:
+            with offload_models(*reward_fn.models, device=device, offload=offload):
+                scores.append(reward_fn(chunk_images, chunk))
+        except RewardServerError as err:
+            failure = err
+            break
+        images.append(chunk_images[:max(0, shown - len(prompts))].cpu())
+        prompts += chunk
+    agree(failure)
+    scores = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
+    save_grid(torch.cat(images), [f"{p} | {r:.3g}" for p, r in zip(prompts, scores["reward"][:shown].tolist())], grid)
+    return {f"eval_{k}": v[torch.isfinite(v)].mean().item() for k, v in scores.items()}
 
 
 def grid_picks(images: int, most: int = 32) -> Tensor:
@@ -693,25 +627,16 @@ def grid_picks(images: int, most: int = 32) -> Tensor:
     return shown
 
 
-def captioned(prompts: list[str], rewards: Tensor) -> list[str]:
-    """A grid's captions: each prompt with its image's reward."""
-    return [f"{prompt} | {r:.3g}" for prompt, r in zip(prompts, rewards.tolist())]
-
-
 def save_grid(images: Tensor, captions: list[str], path: Path, columns: int = 8, side: int = 192):
-    """A PNG of images [N, 3, H, W] in [0, 1], each over its caption, from the first process (under torchrun all
-    have the same evaluation)."""
+    """A PNG of images [N, 3, H, W] in [0, 1], each over its caption, from the first process (all evaluate alike)."""
     from PIL import Image, ImageDraw
-
     if rank_and_world()[0] != 0:
         return
-
-    rows = math.ceil(len(images) / columns)
-    text_height = 36
-    grid = Image.new("RGB", (columns * side, rows * (side + text_height)), "white")
+    cell = side + 36  # an image over three lines of caption
+    grid = Image.new("RGB", (columns * side, math.ceil(len(images) / columns) * cell), "white")
     draw = ImageDraw.Draw(grid)
     for n, (image, caption) in enumerate(zip(to_pil(images), captions)):
-        x, y = n % columns * side, n // columns * (side + text_height)
+        x, y = n % columns * side, n // columns * cell
         grid.paste(image.resize((side, side), Image.NEAREST), (x, y))
         lines = textwrap.wrap(caption, width=side // 6)[:3]
         draw.multiline_text((x + 2, y + side + 1), "\n".join(lines), fill="black", spacing=0)
@@ -732,22 +657,13 @@ def log(row: dict, path: Path):
         f.write(json.dumps(row, allow_nan=False) + "\n")
 
 
-def keep_metrics_rows(path: Path, n: int):
-    """Truncate metrics.jsonl to its first n rows: those of the epochs a resumed run keeps."""
-    lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
-    path.write_text("".join(lines))
-
-
 def read_rows(path: Path) -> list[dict]:
     """The metrics rows of a run, one JSON object per line of metrics.jsonl; none if there is no file yet."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def plot_series(ax, rows: list[dict], x_key: str, key: str, log_scale: bool = False, **style):
-    """One metric against x_key over the rows that have it (eval_* exists on evaluated epochs only); log scale when
-    asked and every value is positive."""
+    """One metric against x_key over the rows that have it; log scale if asked and every value is positive."""
     points = [(row[x_key], row[key]) for row in rows if row.get(key) is not None and x_key in row]
     if not points:
         return
@@ -759,13 +675,10 @@ def plot_series(ax, rows: list[dict], x_key: str, key: str, log_scale: bool = Fa
 
 
 def plot_curves(rows: list[dict], path: Path):
-    """A PNG of a run's curves: reward (training's as a line, evaluation's as markers, the base model's dashed), KL
-    and clip fraction (columns) against epochs (top) and transformer evaluations (bottom, where runs of different
-    cost per epoch compare). Returns the figure, for tests."""
+    """A PNG of reward, KL and clip fraction against epochs (top) and transformer evaluations (bottom); the figure."""
     # Figure, not pyplot: no global backend switch and no figure left open in the caller's process
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
-
     fig = Figure(figsize=(12, 6), dpi=100, layout="constrained")
     for ax_row, x_key, x_label in zip(fig.subplots(2, 3), ("epoch", "nfe"), ("epoch", "transformer evaluations (NFE)")):
         plot_series(ax_row[0], rows, x_key, "reward_mean", label="train")
@@ -786,35 +699,25 @@ def plot_curves(rows: list[dict], path: Path):
 
 
 class Tracker:
-    """No tracker (no --wandb, or a process but the first): every call does nothing."""
-    def log(self, row: dict):
-        pass
-
-    def log_image(self, path: Path, key: str, epoch: int):
-        pass
-
-    def finish(self):
-        pass
-
-
-class WandbTracker(Tracker):
-    """A wandb run: metrics rows and image grids at the step of their epoch."""
-    def __init__(self, run, image: type):
+    """A wandb run's rows and grids at their epoch's step; without one (no --wandb, not the first process) a no-op."""
+    def __init__(self, run=None, image: type | None = None):
         self.run, self.image = run, image  # image: wandb.Image
 
     def log(self, row: dict):
-        self.run.log(row, step=row["epoch"])
+        if self.run is not None:
+            self.run.log(row, step=row["epoch"])
 
     def log_image(self, path: Path, key: str, epoch: int):
-        self.run.log({key: self.image(str(path))}, step=epoch)
+        if self.run is not None:
+            self.run.log({key: self.image(str(path))}, step=epoch)
 
     def finish(self):
-        self.run.finish()
+        if self.run is not None:
+            self.run.finish()
 
 
-def open_tracker(project: str, config: dict, out: Path, resume: bool) -> WandbTracker:
-    """One wandb run per --out, its files in out/wandb; its id is kept in out/wandb_id so that --resume continues the
-    same run. WANDB_MODE=offline works without a login or network (`wandb sync out/wandb` later)."""
+def open_tracker(project: str, config: dict, out: Path, resume: bool) -> Tracker:
+    """One wandb run per --out, in out/wandb, its id in out/wandb_id for --resume; WANDB_MODE=offline needs no login."""
     try:
         import wandb
     except ImportError:
@@ -823,30 +726,15 @@ def open_tracker(project: str, config: dict, out: Path, resume: bool) -> WandbTr
     run_id = id_file.read_text().strip() if resume and id_file.exists() else None  # None: wandb picks one
     run = wandb.init(project=project, config=config, dir=str(out), id=run_id, resume="allow")
     id_file.write_text(run.id)
-    return WandbTracker(run, wandb.Image)
-
-
-def summary(out: Path) -> str:
-    """The run in one line, from its metrics rows, and where its results are."""
-    rows = read_rows(out / "metrics.jsonl")
-    value = lambda v: "nan" if v is None else f"{v:.3f}"  # noqa: E731  (metrics.jsonl writes NaN as null)
-    evals = [row["eval_reward"] for row in rows if "eval_reward" in row]
-    if evals and "base_eval_reward" in rows[0]:
-        reward = f"eval reward {value(rows[0]['base_eval_reward'])} (base) -> {value(evals[-1])}"
-    else:
-        reward = f"reward {value(rows[0]['reward_mean'])} (epoch 0) -> {value(rows[-1]['reward_mean'])}"
-    return (f"done: {rows[-1]['epoch'] + 1} epochs | {reward} | nfe {rows[-1]['nfe']:,} | "
-            f"{rows[-1]['wall_s'] / 60:.1f} min | LoRA in {out / 'lora'}, curves {out / 'curves.png'}, grids in "
-            f"{out / 'images'}")
+    return Tracker(run, wandb.Image)
 
 
 def write_config(out: Path, config: dict):
-    """The first process creates --out and writes config.json atomically (a full disk leaves no half file), once
-    every process has checked the folder."""
+    """The first process makes --out and writes config.json atomically, once every process has checked the folder."""
     if dist.is_initialized():
         dist.barrier()
     if rank_and_world()[0] == 0:
-        try:
+        try:  # a full disk leaves no half file
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json.tmp").write_text(json.dumps(config, indent=1))
             os.replace(out / "config.json.tmp", out / "config.json")
@@ -860,22 +748,18 @@ def checkpoint_bytes(params: list[torch.nn.Parameter]) -> int:
     return 5 * 4 * sum(p.numel() for p in params)
 
 
-def check_free_space(out: Path, params: list[torch.nn.Parameter]):
-    """Room in --out for two checkpoints (a new one is written before the last goes), or one line before epoch 0."""
-    existing = next(p for p in (out, *out.parents) if p.exists())  # (under torchrun, out may not be made yet)
-    need, free = 2 * checkpoint_bytes(params), shutil.disk_usage(existing).free
-    check(free >= need, f"--out {out}: {free / 2**20:,.0f} MiB free, and a checkpoint needs {need / 2**20:,.0f} "
-          f"MiB (two while one is written); free some space or choose another --out")
-
-
 def save_checkpoint(out: Path, transformer, params, optimizer, ema, gen: torch.Generator, state: dict):
-    """Write checkpoints/epoch_N atomically (a temporary folder renamed when complete), then drop older ones, and
-    the EMA's LoRA in out/lora: both load with load_lora_weights, so that a run stopped anywhere has its adapter.
-    Under torchrun the first process writes, with every process's generator state, after checking that all hold
-    the same LoRA."""
+    """Write checkpoints/epoch_N atomically (a .tmp folder renamed), drop older ones, and the EMA's LoRA in out/lora;
+    the first process writes, with every process's generator state."""
     gens = [gen.get_state()]
-    if dist.is_initialized():
-        check_in_sync(params)
+    if dist.is_initialized():  # all hold the same LoRA, or a bug would train N diverging models in silence
+        mine = torch.cat([p.detach().flatten() for p in params]).to(_wire())
+        first = mine.clone()
+        dist.broadcast(first, 0)
+        differs = torch.tensor(float(not torch.equal(mine, first)), device=_wire())
+        dist.all_reduce(differs)
+        if differs.item():
+            raise RuntimeError(f"the LoRA weights of {int(differs.item())} process(es) differ from process 0's")
         gens = [None] * dist.get_world_size()
         dist.all_gather_object(gens, gen.get_state().cpu())
     if rank_and_world()[0] != 0:
@@ -901,27 +785,22 @@ def save_checkpoint(out: Path, transformer, params, optimizer, ema, gen: torch.G
         raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in root.glob("epoch_*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    for old in set(root.glob("epoch_*")) - {final}:
+        shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(out / "lora", ignore_errors=True)
     os.replace(out / "lora.tmp", out / "lora")
 
 
 def load_checkpoint(out: Path, transformer, optimizer, ema, gen: torch.Generator) -> dict | None:
-    """Restore the last complete checkpoint; None if there is none. A checkpoint is data, never code: it loads
-    with weights_only."""
+    """Restore the last complete checkpoint; None if there is none. It is data, never code: it loads weights_only."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
-
     last = last_checkpoint(out)
     if last is None:
         return None
-    if (last / "lora.safetensors").exists():  # a checkpoint from before diffusers' format: peft's keys
-        lora = load_file(last / "lora.safetensors")
-    else:
-        lora = {k.removeprefix("transformer."): v for k, v in load_file(last / LORA_FILE).items()}
-    set_peft_model_state_dict(transformer, lora)
+    old = (last / "lora.safetensors").exists()  # a checkpoint from before diffusers' format: peft's keys
+    set_peft_model_state_dict(transformer, load_file(last / "lora.safetensors") if old else
+                              {k.removeprefix("transformer."): v for k, v in load_file(last / LORA_FILE).items()})
     # on the CPU first: the first process saved it from its GPU, and the generator states must stay CPU tensors
     saved = torch.load(last / "optimizer_rng.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])  # (moves its state to each parameter's device)
@@ -935,16 +814,39 @@ def load_checkpoint(out: Path, transformer, optimizer, ema, gen: torch.Generator
     return json.loads((last / "state.json").read_text())
 
 
-class StopOnSignal:
-    """SIGINT or SIGTERM asks the loop to finish the current epoch, save a checkpoint and exit; a second one stops
-    at once. Under torchrun a Ctrl-C reaches each process twice, from the terminal and relayed by torchrun's agent,
-    so there a repeat changes nothing: the agent itself kills the processes after its --shutdown-timeout."""
-    def __init__(self):
-        self.signum, self.relayed = None, "RANK" in os.environ
+def resume_command(args, world: int, default: dict, script: str) -> str:
+    """`script`'s command line that continues this run: the settings that differ from `default`, and --resume."""
+    words = (["python"] if world == 1 else ["torchrun", "--nproc_per_node", str(world)]) + [os.path.relpath(script)]
+    for f in fields(args):
+        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if f.name != "resume" and not (value == default[f.name] and f.name not in ("prompt_file", "out")):
+            words += ([flag] if value else ["--no-" + flag[2:]]) if f.type is bool else [flag, str(value)]
+    return shlex.join(words + ["--resume"])
+
+
+class RunFolder:
+    """--out and what a run keeps there, and how it stops (a signal, a reward with nothing finite, a server down) with
+    the command that resumes it; the first process writes. Made once all has loaded: it takes SIGINT and SIGTERM."""
+    def __init__(self, args, config: dict, resume: str, transformer, params, optimizer, ema, gen: torch.Generator,
+                 t5_length: int):
+        self.args, self.out, self.resume, self.t5_length = args, Path(args.out), resume, t5_length
+        self.transformer, self.params, self.optimizer, self.ema, self.gen = transformer, params, optimizer, ema, gen
+        self.first = rank_and_world()[0] == 0
+        write_config(self.out, config)
+        # room for two checkpoints (a new one is written before the last goes); under torchrun out may not be made yet
+        existing = next(p for p in (self.out, *self.out.parents) if p.exists())
+        need, free = 2 * checkpoint_bytes(params), shutil.disk_usage(existing).free
+        check(free >= need, f"--out {self.out}: {free / 2**20:,.0f} MiB free, and a checkpoint needs "
+              f"{need / 2**20:,.0f} MiB (two while one is written); free some space or choose another --out")
+        self.tracker = open_tracker(args.wandb, config, self.out, args.resume) if args.wandb and self.first \
+            else Tracker()
+        self.signum, self.relayed = None, "RANK" in os.environ  # handle() takes SIGINT and SIGTERM from now on
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
+        """SIGINT or SIGTERM: finish the epoch, save, exit; a second stops at once (not under torchrun: its agent
+        relays each Ctrl-C, so it comes twice, and kills after --shutdown-timeout)."""
         if self.signum is not None and not self.relayed:
             raise KeyboardInterrupt
         if self.signum is None:
@@ -953,59 +855,14 @@ class StopOnSignal:
                 else "(again to abort)"))
         self.signum = self.signum or signum
 
-
-def resume_command(args, world: int, default: dict, script: str) -> str:
-    """The command line that continues this run: `script` with the settings that differ from `default` (each
-    setting's default, the method's presets included), and --resume."""
-    words = ["python"] if world == 1 else ["torchrun", "--nproc_per_node", str(world)]
-    words.append(os.path.relpath(script))
-    for f in fields(args):
-        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
-        if f.name == "resume" or (value == default[f.name] and f.name not in ("prompt_file", "out")):
-            continue
-        words += ([flag] if value else ["--no-" + flag[2:]]) if f.type is bool else [flag, str(value)]
-    return shlex.join(words + ["--resume"])
-
-
-def reward_failure(metrics: dict, args, where: str) -> str | None:
-    """One line when no image of an epoch, or of an evaluation, had a finite reward (their mean over the finite ones
-    is NaN): nothing can be learned from it or measured. It names the reward and its parts that gave nothing."""
-    evaluation = ("--eval-reward", args.eval_reward) if args.eval_reward else ("--reward", args.reward)
-    for key, prefix, (flag, spec) in (("reward_mean", "reward_", ("--reward", args.reward)),
-                                      ("eval_reward", "eval_", evaluation)):
-        if key in metrics and not math.isfinite(metrics[key]):
-            empty = [name for name, _ in parse_spec(spec, flag) if not math.isfinite(metrics.get(prefix + name, 0))]
-            return (f"{flag} {spec!r} gave no finite reward {where}: NaN or infinite for every image, from "
-                    f"{', '.join(empty) or 'the sum'}; check that it suits the prompts (color and geneval_toy need a "
-                    f"colour word) or fix the plug-in or server")
-    return None
-
-
-class RunFolder:
-    """--out and what a run keeps there: config.json, metrics.jsonl, grids, curves, the tracker, checkpoints and
-    lora/; and how a run stops (a signal, a reward that gave nothing, a reward server that is down), each time with
-    the command that resumes it. The first process writes; every process takes part in a checkpoint's collectives.
-    Made once everything has loaded: it writes config.json and takes over SIGINT and SIGTERM."""
-
-    def __init__(self, args, config: dict, resume: str, transformer, params, optimizer, ema, gen: torch.Generator,
-                 t5_length: int):
-        self.args, self.out, self.resume, self.t5_length = args, Path(args.out), resume, t5_length
-        self.transformer, self.params, self.optimizer, self.ema, self.gen = transformer, params, optimizer, ema, gen
-        self.first = rank_and_world()[0] == 0
-        write_config(self.out, config)
-        check_free_space(self.out, params)
-        self.tracker = open_tracker(args.wandb, config, self.out, args.resume) if args.wandb and self.first \
-            else Tracker()
-        self.signals = StopOnSignal()
-
     def restore(self) -> dict:
-        """Where the run stands: with --resume the last checkpoint, restored into the LoRA, optimizer, EMA and
-        generators, and metrics.jsonl cut back to its epochs; epoch 0 otherwise."""
-        state = load_checkpoint(self.out, self.transformer, self.optimizer, self.ema, self.gen) \
-            if self.args.resume else None
+        """Where the run stands: with --resume the last checkpoint restored, metrics.jsonl cut to it; else epoch 0."""
+        state = self.args.resume and load_checkpoint(self.out, self.transformer, self.optimizer, self.ema, self.gen)
         state = state or dict(epoch=0, metrics_rows=0, nfe=0, wall_s=0.0)
-        if self.first:
-            keep_metrics_rows(self.out / "metrics.jsonl", state["metrics_rows"])  # rows after the checkpoint go
+        if self.first:  # metrics.jsonl keeps the rows of the checkpoint's epochs
+            path = self.out / "metrics.jsonl"
+            path.write_text("".join(path.read_text().splitlines(keepends=True)[:state["metrics_rows"]])
+                            if path.exists() else "")
         if self.args.resume:
             print0(f"--resume: {self.out} continues at epoch {state['epoch']} of {self.args.epochs}")
         return state
@@ -1014,30 +871,27 @@ class RunFolder:
         return self.out / "images" / f"eval_{name}.png"
 
     def evaluated(self, evaluate, name: str, where: str) -> dict:
-        """evaluate(grid path) -> metrics, with the grid as images/eval_{name}.png; a reward server's failure ends
-        the run, its last checkpoint standing."""
+        """evaluate(images/eval_{name}.png) -> metrics; a reward server's failure ends the run."""
         try:
             return evaluate(self.eval_grid(name))
         except RewardServerError as err:
             self.down(err, where, evaluating=True)
 
     def base(self, evaluate) -> dict:
-        """The base model's evaluation, as the first row's base_eval_* (the LoRA starts with B = 0: its EMA is the
-        base model); a reward that gives it nothing finite ends the run."""
+        """The base model's evaluation as base_eval_*; a reward that gives it nothing finite ends the run."""
         base = self.evaluated(evaluate, "base", "in the base model's evaluation")
-        failure = reward_failure(base, self.args, "in the base model's evaluation")
+        failure = reward_failure(base, self.args.reward, self.args.eval_reward, "in the base model's evaluation")
         with said_once():
             check(not failure, failure)
         return {"base_" + k: v for k, v in base.items()}
 
     def pending(self, state: dict, evaluate) -> list[dict]:
-        """The row of an epoch saved when its evaluation's reward server failed, completed by that evaluation
-        (evaluate None: this resume evaluates nothing) and published, counted into state; none otherwise."""
+        """The row saved when its evaluation's server failed, evaluated (unless evaluate is None) and published."""
         if not state.get("pending"):
             return []
         row = state.pop("pending")
-        where = f"in epoch {row['epoch']}'s evaluation"
-        row.update(self.evaluated(evaluate, f"{row['epoch']:06d}", where) if evaluate else {})
+        row.update(self.evaluated(evaluate, f"{row['epoch']:06d}", f"in epoch {row['epoch']}'s evaluation")
+                   if evaluate else {})
         self.publish(row, None, row["epoch"] + 1 >= self.args.epochs or 0 < self.args.max_nfe <= state["nfe"])
         state["metrics_rows"] += 1
         return [row]
@@ -1047,23 +901,20 @@ class RunFolder:
         return self.gen.get_state(), torch.get_rng_state()
 
     def drop_epoch(self, start: tuple[Tensor, Tensor], state: dict, err: RewardServerError, epoch: int):
-        """A reward server failed in the epoch's rollout (in every process at once): the epoch is dropped, the run
-        saved as it stood at its start (epoch_start's states), and the run ends."""
+        """A reward server failed in the epoch's rollout: the run is saved as at the epoch's start, and ends."""
         self.gen.set_state(start[0])
         torch.set_rng_state(start[1])
         self.save(state)
         self.down(err, f"in epoch {epoch}")
 
     def keep_pending(self, row: dict, samples: tuple | None, state: dict, last: bool, err: RewardServerError):
-        """An epoch that trained but whose evaluation's server failed: saved with its row, which --resume completes
-        with the evaluation (pending); then the run ends."""
+        """The epoch trained but its evaluation's server failed: saved with its row pending, and the run ends."""
         self.save_samples(row["epoch"], samples, last)
         self.save(dict(state, metrics_rows=state["metrics_rows"] - 1, pending=row))
         self.down(err, f"in epoch {row['epoch']}'s evaluation", evaluating=True)
 
     def save_samples(self, epoch: int, samples: tuple | None, last: bool) -> Path | None:
-        """The grid of the epoch's samples (images, captions) every --image-every epochs and at the end; its path,
-        or None when none is due."""
+        """The grid of the epoch's samples (images, captions) every --image-every epochs and at the end, or None."""
         path = self.out / "images" / f"{epoch:06d}.png"
         if samples is None or not ((epoch + 1) % self.args.image_every == 0 or last) or not self.first:
             return None
@@ -1071,28 +922,23 @@ class RunFolder:
         return path
 
     def publish(self, row: dict, samples: tuple | None, last: bool):
-        """An epoch's outputs: its log line and metrics row; its sample grid every --image-every epochs; the curves
-        at each evaluation and at the end; the same rows and grids to the tracker."""
+        """An epoch's log line, metrics row, sample grid and curves (when due), and the same to the tracker."""
         if not self.first:
             return
-        epoch, grids = row["epoch"], {}
+        epoch = row["epoch"]
         log(row, self.out / "metrics.jsonl")
-        if path := self.save_samples(epoch, samples, last):
-            grids["samples"] = path
-        if "base_eval_reward" in row:
-            grids["eval_base"] = self.eval_grid("base")
-        if "eval_reward" in row:
-            grids["eval"] = self.eval_grid(f"{epoch:06d}")
+        grids = {"samples": self.save_samples(epoch, samples, last),
+                 "eval_base": self.eval_grid("base") if "base_eval_reward" in row else None,
+                 "eval": self.eval_grid(f"{epoch:06d}") if "eval_reward" in row else None}
         if "eval_reward" in row or last:
             plot_curves(read_rows(self.out / "metrics.jsonl"), self.out / "curves.png")
         self.tracker.log(row)
         for key, path in grids.items():
-            self.tracker.log_image(path, key, epoch)
+            if path is not None:
+                self.tracker.log_image(path, key, epoch)
 
     def save(self, state: dict):
-        """save_checkpoint where state says the run stands (its epoch: the next to run), and lora/README.md. A
-        write that fails (a full disk) ends the run with one line: why, that the last checkpoint is intact, and the
-        command that resumes from it."""
+        """save_checkpoint and lora/README.md; a failed write (a full disk) ends the run with one line."""
         args = self.args
         try:
             save_checkpoint(self.out, self.transformer, self.params, self.optimizer, self.ema, self.gen,
@@ -1108,8 +954,7 @@ class RunFolder:
                                      width={args.resolution}).images[0]
                     """))
         except OSError as err:
-            full = shutil.disk_usage(self.out).free < checkpoint_bytes(self.params)
-            last = last_checkpoint(self.out)
+            full, last = shutil.disk_usage(self.out).free < checkpoint_bytes(self.params), last_checkpoint(self.out)
             raise SystemExit(f"error: checkpoint epoch_{state['epoch']:06d} could not be written in {self.out} ("
                              f"{'the disk is full' if full else str(err)[:100]}); "
                              f"{f'the last one, {last.name}, is intact' if last else 'no checkpoint was written yet'}"
@@ -1117,16 +962,15 @@ class RunFolder:
 
     def stopping(self) -> bool:
         """Whether a signal reached any process: all stop after this epoch."""
-        return all_sum(bool(self.signals.signum)) > 0
+        return all_sum(bool(self.signum)) > 0
 
     def end_if(self, stopping: bool, failure: str | None, epoch: int):
-        """After the epoch's checkpoint: a reward that gave nothing ends the run with its line, a signal with the
-        command that continues it."""
+        """After the epoch's checkpoint: a reward that gave nothing, or a signal, ends the run."""
         with said_once():
             check(not failure, f"{failure}; the epoch's checkpoint is saved")
         if stopping:
             print0(f"stopped after epoch {epoch}, checkpoint saved; to continue: {self.resume}")
-            raise SystemExit(128 + (self.signals.signum or signal.SIGTERM))
+            raise SystemExit(128 + (self.signum or signal.SIGTERM))
 
     def down(self, err: RewardServerError, where: str, evaluating: bool = False):
         """The one line that ends a run whose reward server failed, once its checkpoint is written."""
@@ -1136,6 +980,14 @@ class RunFolder:
                              f"last checkpoint with: {self.resume}")
 
     def finish(self):
-        """The run's one-line summary (the last epoch's checkpoint wrote lora/), and the tracker closed."""
-        print0(summary(self.out))
+        """The run in one line (from its metrics rows; the last checkpoint wrote lora/), and the tracker closed."""
+        out, rows = self.out, read_rows(self.out / "metrics.jsonl")
+        value = lambda v: "nan" if v is None else f"{v:.3f}"  # noqa: E731  (metrics.jsonl writes NaN as null)
+        evals = [row["eval_reward"] for row in rows if "eval_reward" in row]
+        reward = (f"eval reward {value(rows[0]['base_eval_reward'])} (base) -> {value(evals[-1])}"
+                  if evals and "base_eval_reward" in rows[0] else
+                  f"reward {value(rows[0]['reward_mean'])} (epoch 0) -> {value(rows[-1]['reward_mean'])}")
+        print0(f"done: {rows[-1]['epoch'] + 1} epochs | {reward} | nfe {rows[-1]['nfe']:,} | "
+               f"{rows[-1]['wall_s'] / 60:.1f} min | LoRA in {out / 'lora'}, curves {out / 'curves.png'}, grids in "
+               f"{out / 'images'}")
         self.tracker.finish()

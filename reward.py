@@ -306,6 +306,20 @@ def parse_spec(spec: str, flag: str = "--reward") -> list[tuple[str, float]]:
     return parts
 
 
+def reward_failure(metrics: dict, reward: str, eval_reward: str, where: str) -> str | None:
+    """One line when no image of an epoch or evaluation (metrics: reward_* and eval_* means) had a finite reward,
+    naming the spec (--reward, or --eval-reward when given) and its parts that gave none; None otherwise."""
+    evaluation = ("--eval-reward", eval_reward) if eval_reward else ("--reward", reward)
+    for key, prefix, (flag, spec) in (("reward_mean", "reward_", ("--reward", reward)),
+                                      ("eval_reward", "eval_", evaluation)):
+        if key in metrics and not math.isfinite(metrics[key]):
+            empty = [name for name, _ in parse_spec(spec, flag) if not math.isfinite(metrics.get(prefix + name, 0))]
+            return (f"{flag} {spec!r} gave no finite reward {where}: NaN or infinite for every image, from "
+                    f"{', '.join(empty) or 'the sum'}; check that it suits the prompts (color and geneval_toy need a "
+                    f"colour word) or fix the plug-in or server")
+    return None
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)

@@ -6,18 +6,15 @@
     torchrun --nproc_per_node 8 tempflow_grpo.py --prompt-file prompts.txt ...           # the epoch over 8 GPUs
     python tempflow_grpo.py --method flow_grpo ...                                       # the baseline
 
-An epoch: sample P prompts; for each, S initial noises; integrate an ODE trunk from each noise and, at every
-branch step k, draw G SDE branches from the trunk state x_k, each finished by the ODE (TempFlow-GRPO, "Trajectory
-Branching"). The reward of a branch's image is the process reward of step k, so advantages are normalised over the
-G branches of one (prompt, seed, k). The clipped GRPO loss (Flow-GRPO, arXiv 2505.05470, Eq. 5) on each recorded
-transition x_k -> y is weighted by w_k, the SDE std of step k over its mean ("Noise-Aware Policy Weighting"), plus
-beta times the exact KL to the base model (LoRA switched off). README.md, "The method, formula by formula", states
-each formula with its source; comments cite its items as (method n). This file holds every line that decides a
-number a run produces; plumbing.py moves, checks, shows and keeps the run.
+An epoch: from S initial noises per prompt, ODE trunks; at each branch step k, G SDE branches from the trunk's
+x_k, each finished by the ODE, its image's reward the process reward of step k, normalised over the G branches of
+one (prompt, seed, k); then the clipped GRPO loss (Flow-GRPO, arXiv 2505.05470, Eq. 5) of each transition x_k -> y,
+weighted by w_k, the std of step k over its mean, plus beta times the exact KL to the base model (LoRA off).
+README.md, "The method, formula by formula", gives each formula and its source, cited here as (method n). This file
+holds every line that decides a number a run produces; plumbing.py moves, checks, shows and keeps the run.
 
 Notation (code -> paper):
     sigmas[i]         s_i, noise level of grid index i; s_0 = 1 (noise) > ... > s_T = 0 (image)
-    dt                dt_i = s_{i+1} - s_i < 0
     noise_level       a, SDE noise level; sigma_i = a sqrt(s_i / (1 - s_i))
     std               std_i = sigma_i sqrt(-dt_i), std of one SDE transition (CPS's: s_{i+1} sin(a pi / 2))
     guidance          g, classifier-free guidance: v = v_u + g (v_c - v_u)
@@ -62,15 +59,14 @@ import torch
 from diffusers.training_utils import EMAModel, cast_training_params, offload_models
 from torch import Tensor
 
-
 # The run's plumbing: none of these changes a number of a one-process run; gather, all_sum, agree, sum_gradients and
 # mean_over_processes make torchrun's N processes compute the one-process step.
-from plumbing import (agree, all_sum, captioned, check, check_settings, close_processes, compile_transformer,
-                      describe_epoch, ema_weights, gather, grid_picks, init_distributed, load_models,
-                      mean_over_processes, memory_advice, parse_steps, preflight, print0, progress, prompt_cuts,
-                      rank_and_world, resume_command, reward_failure, reward_metrics, RunFolder, said_once, save_grid,
-                      sum_gradients, Timer, without_truncation_warnings)
-from reward import RewardServerError
+from plumbing import (agree, all_sum, check, check_settings, close_processes, compile_transformer, describe_epoch,
+                      ema_weights, gather, grid_picks, init_distributed, load_models, mean_over_processes,
+                      memory_advice, parse_steps, preflight, print0, progress, prompt_cuts, rank_and_world,
+                      resume_command, reward_metrics, RunFolder, said_once, scored, sum_gradients, Timer,
+                      without_truncation_warnings)
+from reward import RewardServerError, reward_failure
 
 
 # ======== Settings: each with its default (the papers' recipe where it has one); its docstring is its --help
@@ -96,7 +92,7 @@ class Args:
     epochs: int = 1000
     """epochs, each a rollout then --optimizer-steps updates (paper: 1000 for PickScore)"""
 
-    # ---- method: --method sets the next three; each can be overridden alone for the paper's ablations
+    # ---- method: --method sets the next four; each can be overridden alone for the paper's ablations
     method: str = "tempflow"
     """tempflow (branch, noise, seed, group std), flow_grpo (sde, uniform, prompt, global std) or BranchGRPO's
     branch_grpo (tree, uniform, seed: a group is one depth of one tree, group std; arXiv 2509.06040)"""
@@ -124,8 +120,7 @@ class Args:
     prompts_per_epoch: int = 48
     """P, prompts per epoch (paper: 48, one per GPU of the official run; accumulated here, departure 8)"""
     prompt_draw: str = "shared"
-    """shared: an epoch's prompts start one permutation of the file, split among torchrun's processes (official);
-    independent: each process draws with replacement (the draw of runs begun before this setting)"""
+    """shared: one permutation of the file per epoch, split over processes (official); independent: with replacement"""
     noise_level: float = 0.7
     """a, the noise level of the stochastic steps (paper: 0.7; with --sampler cps it must lie in (0, 1])"""
     sampler: str = "sde"
@@ -237,15 +232,12 @@ def transition_std(sigmas: Tensor, i: Tensor, noise_level: float, sampler: str =
 
 def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, noise_level: float, y: Tensor | None = None,
              generator: torch.Generator | None = None, sampler: str = "sde") -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One stochastic step from s_i to s_{i+1}, and the policy's log-density of its result.
-
-    sampler "sde": Flow-GRPO's reverse SDE (Euler-Maruyama), the paper's. "cps": coefficients-preserving sampling
-    (arXiv 2509.05952), a DDIM-like step whose noise coefficients add in quadrature to s_{i+1}, so that exact
-    predictions land on the flow's marginal; its std is 0 at the last step (s_T = 0), which is the ODE's.
-    x, v: [B, C, H, W] latent and velocity (any float dtype; the math runs in float32). i: int or LongTensor[B],
-    so a batch may mix grid indices. With y (x_{i+1}) given, that sample is only scored.
-    Returns y [B, C, H, W], log_prob [B] (averaged over C*H*W), mean [B, C, H, W], std [B]. Both samplers score
-    by the Gaussian density (departure 9)."""
+    """One stochastic step from s_i to s_{i+1}, and the policy's log-density of its result (departure 9). sampler
+    "sde": Flow-GRPO's reverse SDE (Euler-Maruyama), the paper's; "cps": coefficients-preserving sampling (arXiv
+    2509.05952), whose noise coefficients add in quadrature to s_{i+1}, so that exact predictions land on the flow's
+    marginal (its std is 0 at s_T = 0: the ODE's step). x, v: [B, C, H, W] (the math runs in float32); i: int or
+    LongTensor[B]. With y (x_{i+1}) given, y is only scored. Returns y [B, C, H, W], log_prob [B] (averaged over
+    C*H*W), mean [B, C, H, W], std [B]."""
     x, v, sigmas = x.float(), v.float(), sigmas.to(x.device, torch.float32)
     i = torch.as_tensor(i, dtype=torch.long, device=x.device).expand(len(x))  # [B]
     sigma, std = (t if t is None else t.view(-1, 1, 1, 1) for t in transition_std(sigmas, i, noise_level, sampler))
@@ -295,8 +287,7 @@ class PromptEmbeds(NamedTuple):
 
 
 def cfg_copies(guidance: float) -> int:
-    """Latents the transformer sees per row: the empty prompt's and the prompt's under CFG (guidance > 1, as in
-    the pipeline), the prompt's alone otherwise."""
+    """Latents the transformer sees per row: the empty prompt's and the prompt's under CFG (guidance > 1), else one."""
     return 2 if guidance > 1 else 1
 
 
@@ -331,11 +322,9 @@ def cfg_velocity(transformer, x: Tensor, sigma: Tensor, prompts: PromptEmbeds, g
 
 
 def noise_aware_weights(sigmas: Tensor, noise_level: float, branch_steps: list[int], sampler: str = "sde") -> Tensor:
-    """w_k for the trained steps k in branch_steps: proportional to the sampler's std of step k, mean exactly 1 over
-    them."""
+    """w_k for the trained steps k: proportional to the sampler's std of step k, mean exactly 1 over them."""
     std = transition_std(sigmas.double(), torch.as_tensor(branch_steps, dtype=torch.long), noise_level, sampler)[1]
-    # w_k = std_k / mean_{j in B} std_j   (TempFlow-GRPO's noise-aware weighting; a cancels, the grid decides:
-    # departure 2)
+    # w_k = std_k / mean_{j in B} std_j   (noise-aware weighting; a cancels, the grid decides: departure 2)
     return (std / std.mean()).float()  # [len(branch_steps)]
 
 
@@ -362,10 +351,8 @@ def finish_hops(steps: int, branch_steps: list[int], finish_steps: int = 0) -> T
 
 def sd3_velocity(transformer, prompts: PromptEmbeds, guidance: float, max_batch: int = 1 << 30, pad: bool = False):
     """SD3's velocity_fn for rollout() and ode_rollout(): fn(x [n, C, H, W], sigma [n], rows [n]) -> v, the
-    cfg_velocity of latent j under prompt rows[j], in chunks of at most max_batch latents per transformer call
-    (with pad, each of exactly max_batch: a compiled transformer's one shape); each chunk gathers its own prompt
-    rows (SD3.5's are 1.7 MB each in bf16). Another model's velocity with the same signature serves the rollouts
-    unchanged."""
+    cfg_velocity of latent j under prompt rows[j], at most max_batch latents per transformer call (with pad, exactly:
+    a compiled transformer's one shape). Another model's velocity_fn serves the rollouts unchanged."""
     per_call = rows_per_call(max_batch, guidance)
 
     def velocity_fn(x: Tensor, sigma: Tensor, rows: Tensor) -> Tensor:
@@ -485,8 +472,7 @@ def group_advantages(rewards: Tensor, groups: Tensor, clip: float = 5.0, global_
     group had all-equal rewards."""
     valid = torch.isfinite(rewards)
     r = torch.where(valid, rewards, 0.0).double()
-    n = torch.zeros(int(groups.max()) + 1, dtype=torch.double, device=groups.device).index_add_(0, groups,
-                                                                                              valid.double())
+    n = rewards.new_zeros(int(groups.max()) + 1, dtype=torch.double).index_add_(0, groups, valid.double())
     mean = torch.zeros_like(n).index_add_(0, groups, r) / n.clamp(min=1)
     var = torch.zeros_like(n).index_add_(0, groups, torch.where(valid, (r - mean[groups]) ** 2, 0.0)) / n.clamp(min=1)
     std = r[valid].std(correction=0).expand(len(r)) if global_std else var[groups].sqrt()
@@ -521,15 +507,15 @@ def width_pruned(rewards: Tensor, first: Tensor, span: Tensor, leaves: int, keep
 
 def trained_images(advantages: Tensor, image_noise: Tensor, valid: Tensor, zero_std: Tensor, drop_zero_std: bool
                    ) -> Tensor:
-    """Which of M images train their transitions; image_noise [M] is the initial noise each grew from (an SDE
-    sample has its own). The official rule (method 6) drops a trunk only when all of its advantages are 0, so the
-    zero-advantage transitions of the trunks kept still count in the loss's mean and train the KL; drop_zero_std
-    drops every group with equal rewards instead. An image with a non-finite reward never trains."""
+    """Which of M images train their transitions; image_noise [M]: the initial noise each grew from. The official
+    rule (method 6) drops a trunk only when all of its advantages are 0 (the zero advantages of the trunks kept stay
+    in the loss's mean and train the KL); drop_zero_std drops every group with equal rewards. A NaN reward never
+    trains."""
     if drop_zero_std:
         return valid & ~zero_std
-    signal = torch.zeros(int(image_noise.max()) + 1, device=image_noise.device).index_add_(
+    nonzero = torch.zeros(int(image_noise.max()) + 1, device=image_noise.device).index_add_(
         0, image_noise, (advantages != 0).float())  # per initial noise: how many of its images have A != 0
-    return valid & (signal[image_noise] > 0)
+    return valid & (nonzero[image_noise] > 0)
 
 
 def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, weights: Tensor, mean: Tensor,
@@ -555,9 +541,7 @@ def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, weight
 # ======== SD3 calls: prompts, noise, decoding; the LoRA and its EMA (diffusers and peft do the work) =================
 
 
-# T5 prompt tokens, as the official code encodes (the pipeline's default is 256); a tokenizer with a shorter
-# model_max_length caps it.
-T5_TOKENS = 128
+T5_TOKENS = 128  # prompt tokens, as the official code encodes (the pipeline's: 256); a shorter tokenizer caps it
 
 
 def t5_length(pipe) -> int:
@@ -710,9 +694,8 @@ class Batch(NamedTuple):
 def sample_chunk(pipe, args: Args, noise: Tensor, prompts: PromptEmbeds, captions: list[str], reward_fn,
                  sigmas: Tensor, branch_steps: list[int], gen: torch.Generator, timer: "Timer", shown: Tensor
                  ) -> tuple[Rollout, dict, Tensor]:
-    """Roll out N trunks (noise [N, C, H, W], prompts and captions: N rows), decode and score their images in
-    chunks of --max-batch; returns the rollout on the CPU without its latents, the scores [M] and the images that
-    `shown` [>= M] marks for the grid."""
+    """Roll out N trunks (noise [N, C, H, W], prompts and captions: N rows), decode and score their images by
+    --max-batch; returns the rollout on the CPU without its latents, the scores [M] and the images `shown` marks."""
     device = pipe.transformer.device
     with timer("sample_s"), autocast(pipe.transformer):
         velocity_fn = sd3_velocity(pipe.transformer, prompts, args.guidance, args.max_batch, args.compile == "on")
@@ -780,11 +763,9 @@ def trained_batch(out: Rollout, scores: dict, noise_prompt: Tensor, args: Args) 
 
 
 def drawn_prompts(count: int, args: Args, epoch: int, gen: torch.Generator) -> list[int]:
-    """This process's share of epoch's --prompts-per-epoch prompts, as indices of the `count` training prompts.
-    "shared", the official draw (flow_grpo's DistributedKRepeatSampler; departure 8): one permutation per epoch,
-    the same in every process, whose first prompts the processes split in rank order, so an epoch's prompts are
-    distinct (while the file has enough) and no two processes share one. "independent" (runs begun before it):
-    each process draws with replacement from its own generator."""
+    """This process's share of the epoch's prompts, as indices of the `count` training prompts. "shared", the
+    official draw (flow_grpo's DistributedKRepeatSampler; departure 8): the first of one permutation per epoch, split
+    in rank order, so distinct while the file has enough. "independent": each process draws with replacement."""
     rank, world = rank_and_world()
     share = args.prompts_per_epoch // world
     if args.prompt_draw == "independent":
@@ -798,11 +779,9 @@ def drawn_prompts(count: int, args: Args, epoch: int, gen: torch.Generator) -> l
 
 def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor, branch_steps: list[int],
             gen: torch.Generator, timer: "Timer", epoch: int = 0) -> tuple[Batch, PromptEmbeds, dict, tuple]:
-    """Sample this process's share of epoch `epoch` (method 3, 7 or 8) in chunks of --rollout-prompts prompts, each
-    decoded and scored as it finishes, so that GPU memory does not grow with the epoch; the recorded transitions wait
-    on the CPU. Then the rewards become advantages (method 4). Also returns up to 32 images, with captions, for a grid.
-    A reward server's failure in any process raises RewardServerError in every process."""
-    world = rank_and_world()[1]
+    """Sample this process's share of epoch `epoch` (method 3, 7 or 8), --rollout-prompts prompts at a time, each
+    chunk decoded and scored as it ends, then the rewards become advantages (method 4); also a grid's images and
+    captions. A reward server's failure in any process raises RewardServerError in every process."""
     prompts = [prompt_list[j] for j in drawn_prompts(len(prompt_list), args, epoch, gen)]
     device = pipe.transformer.device
     with timer("sample_s"), offload_models(*text_encoders(pipe), device=device, offload=args.offload_text_encoders):
@@ -811,7 +790,7 @@ def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor,
     per_prompt = size["trunks"] // args.prompts_per_epoch  # initial noises per prompt
     noise_prompt = torch.arange(len(prompts)).repeat_interleave(per_prompt)  # [N]
     noise = initial_noise(pipe, len(noise_prompt), args.resolution, gen)  # [N, C, H, W]
-    shown = grid_picks(size["images"] // world)  # [this process's images] those its grid shows
+    shown = grid_picks(size["images"] // rank_and_world()[1])  # [this process's images] those its grid shows
     parts, before, failure = [], 0, None  # before: the epoch's images sampled before this chunk
     bar = progress(total=len(prompts), desc="sample", unit="prompt", leave=False)
     for trunks in torch.arange(len(noise)).split(args.rollout_prompts * per_prompt):
@@ -832,9 +811,9 @@ def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor,
     out = Rollout(*map(torch.cat, zip(*(part[0] for part in parts))))  # latents: none, they are decoded
     scores = {k: torch.cat([part[1][k] for part in parts]) for k in parts[0][1]}
     batch, metrics = trained_batch(out, scores, noise_prompt, args)
-    shown_prompts = [prompts[p] for p in noise_prompt[out.image_noise[shown]].tolist()]
-    return batch, embeds, metrics, (torch.cat([part[2] for part in parts]), captioned(shown_prompts,
-                                                                                     scores["reward"][shown]))
+    captions = [f"{prompts[p]} | {r:.3g}" for p, r in zip(noise_prompt[out.image_noise[shown]].tolist(),
+                                                          scores["reward"][shown].tolist())]
+    return batch, embeds, metrics, (torch.cat([part[2] for part in parts]), captions)
 
 
 def transition_loss(transformer, batch: Batch, rows: Tensor, embeds: PromptEmbeds, sigmas: Tensor,
@@ -859,11 +838,9 @@ def transition_loss(transformer, batch: Batch, rows: Tensor, embeds: PromptEmbed
 
 def update(transformer, params, optimizer, batch: Batch, embeds: PromptEmbeds, sigmas: Tensor,
            step_weight: Tensor, args: Args, gen: torch.Generator, ema=None, steps_before: int = 0) -> dict:
-    """--optimizer-steps AdamW steps over a shuffled epoch, each accumulating gradients over micro-batches of at
-    most --train-batch latents, so that its loss is the mean over its transitions: over every process's, under
-    torchrun, however unevenly the zero-advantage rule left them. A step whose loss or gradient is not finite is
-    skipped, counted and warned about: it never reaches the weights. After each step the EMA, if any, sees the
-    run's optimizer step count (steps_before before this epoch). Returns the epoch's mean statistics."""
+    """--optimizer-steps AdamW steps over a shuffled epoch, each the mean loss of its transitions (under torchrun, of
+    every process's) in micro-batches of --train-batch latents; one with a non-finite loss or gradient is skipped.
+    The EMA counts the run's steps (steps_before before this epoch). Returns the epoch's mean statistics."""
     per_call = rows_per_call(args.train_batch, args.guidance)
     order = torch.randperm(len(batch.x), generator=gen, device=gen.device).to(batch.x.device)
     totals = dict(skipped_updates=0)
@@ -897,33 +874,18 @@ def update(transformer, params, optimizer, batch: Batch, embeds: PromptEmbeds, s
     return totals
 
 
-@torch.no_grad()
-def evaluate(pipe, prompts: list[str], reward_fn, args: Args, grid: Path, shown: int = 64) -> dict:
-    """Mean rewards of one ODE sample (--eval-steps) per prompt from noise fixed by --seed (drawn on the CPU, so
-    the same on any device), so that evaluations of one run, and of runs with one seed, are comparable. The prompts
-    are encoded once, then go in chunks of one transformer call; the first `shown` samples go to a PNG grid. A
-    reward server's failure in any process raises RewardServerError in every process."""
+def evaluate(pipe, prompts: list[str], reward_fn, args: Args, grid: Path) -> dict:
+    """Mean rewards (eval_*) of one ODE sample (--eval-steps) per prompt from noise fixed by --seed (drawn on the
+    CPU, so the same on any device): the evaluations of a run, and of runs with one seed, compare. The prompts are
+    encoded once, then sampled a transformer call at a time as plumbing's scored() scores them and writes the grid."""
     device, per_call = pipe.transformer.device, rows_per_call(args.max_batch, args.guidance)
     noise = initial_noise(pipe, len(prompts), args.resolution, torch.Generator().manual_seed(args.seed))
     chunks = [prompts[j:j + per_call] for j in range(0, len(prompts), per_call)]
-    # the text encoders come once, for all the chunks
-    with offload_models(*text_encoders(pipe), device=device, offload=args.offload_text_encoders):
+    with offload_models(*text_encoders(pipe), device=device, offload=args.offload_text_encoders):  # once for all
         embeds = [encode_prompts(pipe, chunk).to("cpu") for chunk in chunks]
-    scores, images, failure = [], [], None
-    for chunk, chunk_embeds, chunk_noise in zip(chunks, embeds, noise.split(per_call)):
-        chunk_images = ode_images(pipe, chunk_embeds.to(device), chunk_noise, args.eval_steps, args.guidance,
-                                  args.max_batch, args.compile == "on")
-        try:
-            with offload_models(*reward_fn.models, device=device, offload=args.offload_reward):
-                scores.append(reward_fn(chunk_images, chunk))
-        except RewardServerError as err:
-            failure = err
-            break
-        images.append(chunk_images[:max(0, shown - len(images) * per_call)].cpu())
-    agree(failure)
-    scores = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
-    save_grid(torch.cat(images), captioned(prompts, scores["reward"][:shown]), grid)  # from the first process
-    return {f"eval_{k}": v[torch.isfinite(v)].mean().item() for k, v in scores.items()}
+    images = (ode_images(pipe, e.to(device), z, args.eval_steps, args.guidance, args.max_batch, args.compile == "on")
+              for e, z in zip(embeds, noise.split(per_call)))
+    return scored(zip(chunks, images), reward_fn, device, args.offload_reward, grid)
 
 
 # ======== The run: settings and models, then epoch after epoch =======================================================
@@ -943,10 +905,9 @@ def setup(args: Args, device: torch.device) -> tuple:
 
 
 def compiled(pipe, args: Args, prompt: str) -> tuple[Args, float | None]:
-    """With --compile on: compile_transformer, warmed up at the run's three call shapes (a no-grad chunk of
-    --max-batch latents, as the rollout and evaluation make; a training micro-batch of --train-batch, forward and
-    backward; with beta > 0 its reference, adapter off). Returns the settings (--compile off where compiling failed
-    in any process) and its seconds."""
+    """With --compile on: compile_transformer, warmed up at the run's call shapes (--max-batch latents without
+    gradients; --train-batch forward and backward, and its KL reference). Returns the settings (--compile off where
+    compiling failed) and its seconds."""
     if args.compile != "on":
         return args, None
     transformer, device = pipe.transformer, pipe.transformer.device
@@ -956,16 +917,16 @@ def compiled(pipe, args: Args, prompt: str) -> tuple[Args, float | None]:
     sigma, row = torch.full((1,), 0.5, device=device), torch.zeros(1, dtype=torch.long, device=device)
 
     def call(latents: int) -> Tensor:  # x, padded by sd3_velocity to one call of `latents` latents
-        return sd3_velocity(transformer, embeds, args.guidance, latents, pad=True)(x, sigma, row)
-
-    def warm_up():
         with autocast(transformer):
-            with torch.no_grad():
-                call(args.max_batch)
-                if args.beta > 0:
-                    with lora_disabled(transformer):
-                        call(args.train_batch)
-            call(args.train_batch).float().mean().backward()
+            return sd3_velocity(transformer, embeds, args.guidance, latents, pad=True)(x, sigma, row)
+
+    def warm_up():  # as the run calls: rollout and evaluation, the KL's reference, training forward and backward
+        with torch.no_grad():
+            call(args.max_batch)
+            if args.beta > 0:
+                with lora_disabled(transformer):
+                    call(args.train_batch)
+        call(args.train_batch).float().mean().backward()
     seconds = compile_transformer(transformer, warm_up)
     return (args, seconds) if seconds is not None else (replace(args, compile="off"), None)
 
@@ -986,17 +947,15 @@ class Run(NamedTuple):
     prompts: list[str]           # the training prompts
     eval_prompts: list[str]      # the evaluation prompts (none: no evaluation)
 
-
-def evaluation(run: Run, args: Args, grid: Path) -> dict:
-    """evaluate() with the EMA weights, the model that lora/ exports; its grid at `grid`."""
-    with ema_weights(run.ema, run.params):
-        return evaluate(run.pipe, run.eval_prompts, run.eval_fn, args, grid)
+    def evaluation(self, args: Args, grid: Path) -> dict:
+        """evaluate() with the EMA weights, the model that lora/ exports; its grid at `grid`."""
+        with ema_weights(self.ema, self.params):
+            return evaluate(self.pipe, self.eval_prompts, self.eval_fn, args, grid)
 
 
 def run_epoch(run: Run, args: Args, epoch: int, state: dict, once: dict) -> tuple[dict, tuple, Exception | None]:
-    """One epoch: the rollout, rewards and advantages (collect), the optimizer steps (update), the evaluation when
-    due. Returns its metrics row (with `once`, what the run's first row adds), its samples for a grid, and a reward
-    server's failure in the evaluation; one in the rollout's scoring saves the epoch's start and ends the run."""
+    """One epoch: collect, update, and the evaluation when due. Returns its metrics row (with `once`, what the
+    run's first row adds), its samples for a grid, and a reward server's failure in the evaluation, if any."""
     timer, start_s, start = Timer(run.pipe.transformer.device), time.time(), run.folder.epoch_start()
     with memory_advice(args, f"in epoch {epoch}"):
         try:
@@ -1015,7 +974,7 @@ def run_epoch(run: Run, args: Args, epoch: int, state: dict, once: dict) -> tupl
                                  or 0 < args.max_nfe <= nfe):  # every process: none waits
             with timer("eval_s"):
                 try:
-                    metrics.update(evaluation(run, args, run.folder.eval_grid(f"{epoch:06d}")))
+                    metrics.update(run.evaluation(args, run.folder.eval_grid(f"{epoch:06d}")))
                 except RewardServerError as err:
                     outage = err
     # wall seconds of training: the evaluations' are not counted
@@ -1040,14 +999,14 @@ def train(args: Args) -> list[dict]:
     with memory_advice(args, "in --compile's warm-up, at the run's largest calls"):
         args, compile_s = compiled(pipe, args, prompts[0][1])
     gen = torch.Generator(device).manual_seed(args.seed + rank)  # each process its own noise
-    default = defaults(args.tiny) | METHODS[args.method] | {"compile": auto_compile()}
+    default = defaults(args.tiny) | METHODS[args.method] | {"compile": AUTO_COMPILE}
     folder = RunFolder(args, config, resume_command(args, world, default, __file__), pipe.transformer, params,
                        optimizer, ema, gen, t5_length(pipe))
     state = folder.restore()  # epoch 0, or where --resume's last checkpoint stands
     run = Run(pipe, params, optimizer, ema, reward_fn, eval_fn, sigmas, branch_steps,
               step_weights(args, sigmas, branch_steps), gen, folder, [p for _, p in prompts],
               [p for _, p in eval_prompts])
-    evaluate_now = partial(evaluation, run, args) if run.eval_prompts else None
+    evaluate_now = partial(run.evaluation, args) if run.eval_prompts else None
     # the first row this process writes: the base model's evaluation (a new run's) and the compile seconds
     once = folder.base(evaluate_now) if evaluate_now and state["epoch"] == 0 else {}
     once |= {"compile_s": round(compile_s, 2)} if compile_s is not None else {}
@@ -1065,7 +1024,7 @@ def train(args: Args) -> list[dict]:
         if outage:  # trained, not evaluated: saved with its row, which --resume completes; the run ends
             folder.keep_pending(row, samples, state, last, outage)
         folder.publish(row, samples, last)  # the log line, metrics.jsonl, grids, curves, the tracker
-        stopping, failure = folder.stopping(), reward_failure(row, args, f"in epoch {epoch}")
+        stopping, failure = folder.stopping(), reward_failure(row, args.reward, args.eval_reward, f"in epoch {epoch}")
         if (epoch + 1) % args.save_every == 0 or last or stopping or failure:
             folder.save(state)
         folder.end_if(stopping, failure, epoch)  # a signal, or a reward that gave nothing: saved, then stopped
@@ -1079,6 +1038,7 @@ def train(args: Args) -> list[dict]:
 
 
 TINY_WORLD = Path(__file__).parent / "tiny_world" / "pipeline"  # the tiny world's trained pipeline
+AUTO_COMPILE = "on" if torch.cuda.is_available() else "off"  # --compile auto: on where the transformer is on CUDA
 
 
 METHODS = {"tempflow": dict(rollout="branch", weighting="noise", group="seed", adv_std="group"),
@@ -1104,8 +1064,7 @@ def defaults(tiny: bool = False) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """The command line: tyro makes it from Args, each field's docstring its --help; with --tiny, TINY's values are
-    the defaults (and --help shows them)."""
+    """The command line: tyro makes it from Args, docstrings and all; with --tiny, TINY's values are the defaults."""
     import tyro
 
     argv = sys.argv[1:] if argv is None else argv
@@ -1114,9 +1073,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 def finalize(args: Args) -> Args:
-    """A copy of args with the method's presets filled in and --compile auto resolved, every setting checked, each
-    failure one line naming its flag. train() calls it, so Args(...) from Python and the command line resolve and
-    fail alike."""
+    """A copy of args with the method's presets and --compile auto resolved, every setting checked (one line naming
+    the flag). train() calls it, so Args(...) from Python and the command line resolve and fail alike."""
     args = replace(args)
     check(not args.tiny or args.model != Args.model, "tiny=True without the tiny settings: use "
           "Args(**TINY, tiny=True, ...), as --tiny on the command line does")
@@ -1124,13 +1082,8 @@ def finalize(args: Args) -> Args:
     for key, value in METHODS[args.method].items():
         setattr(args, key, getattr(args, key) or value)
     check_settings(args)
-    args.compile = auto_compile() if args.compile == "auto" else args.compile
+    args.compile = AUTO_COMPILE if args.compile == "auto" else args.compile
     return args
-
-
-def auto_compile() -> str:
-    """--compile auto: on where the transformer goes to CUDA (init_distributed), off on the CPU."""
-    return "on" if torch.cuda.is_available() else "off"
 
 
 def main(argv: list[str] | None = None):

@@ -670,7 +670,7 @@ def test_first_training_pass_has_ratio_one_and_zero_kl(lora_pipe, sampler, kind)
     embeds = tg.encode_prompts(pipe, ["a red circle on the left", "two blue squares"])
     _, stats = tg.transition_loss(pipe.transformer, batch, torch.arange(len(batch.x)), embeds, sigmas,
                                   torch.ones(6), args)
-    assert abs(stats["ratio_mean"] - 1) < 1e-6 and stats["clipfrac"] == 0
+    assert abs(stats["ratio_mean"] - 1) < 1e-6 and stats["clipfrac"] == 0 and stats["approx_kl"] < 1e-12
     assert stats["kl"] == 0
 
 
@@ -690,7 +690,27 @@ def test_one_update_moves_the_log_prob_with_the_advantage(lora_pipe, advantage, 
     with torch.no_grad():
         _, stats = tg.transition_loss(pipe.transformer, batch, rows, embeds, sigmas, torch.ones(6), args)
     # ratio = pi_new / pi_old over the same transitions: above 1 means their log-probability rose
-    assert (stats["ratio_mean"] - 1) * advantage > 0
+    assert (stats["ratio_mean"] - 1) * advantage > 0 and stats["approx_kl"] > 0
+
+
+def test_the_plumbing_never_imports_the_trainer():
+    """plumbing.py, and every module of this repository it imports (at the top or inside a function), never import
+    tempflow_grpo.py: what the plumbing needs from the trainer comes in as values."""
+    import ast
+
+    root, seen, todo = Path(tg.__file__).parent, set(), ["plumbing"]
+    while todo:
+        name = todo.pop()
+        seen.add(name)
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for module in (m.split(".")[0] for m in modules):
+                assert module != "tempflow_grpo", f"{name}.py imports the trainer"
+                if (root / f"{module}.py").exists() and module not in seen:
+                    todo.append(module)
+    assert seen == {"plumbing", "reward"}
 
 
 # ---------------------------------------------------------------- long runs
@@ -780,7 +800,8 @@ def test_resume_continues_exactly(random_model, prompt_file, tmp_path):
     rows_b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows_b) == 4
     for x, y in zip(straight, rows_b):  # every number but the seconds
-        assert {k: v for k, v in x.items() if not k.endswith("_s")} == {k: v for k, v in y.items() if not k.endswith("_s")}
+        assert {k: v for k, v in x.items() if not k.endswith("_s")} == \
+            {k: v for k, v in y.items() if not k.endswith("_s")}
 
 
 def test_resume_of_a_run_that_spent_its_nfe_budget_trains_no_further(random_model, prompt_file, tmp_path):
@@ -1296,7 +1317,7 @@ def test_a_compiled_run_trains_as_the_eager_one_and_compiles_only_before_its_fir
         return on, off
     on, off = velocities()
     assert counters["stats"]["unique_graphs"] == graphs[0]
-    tg.eager(transformer)
+    plumbing.eager(transformer)
     for v_compiled, v_eager in zip((on, off), velocities()):
         torch.testing.assert_close(v_compiled, v_eager, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(on, off, atol=1e-4)  # the trained adapter moves the velocity
@@ -1327,7 +1348,8 @@ def test_compile_is_a_lever_a_resume_may_switch_with_the_note(prompt_file, tmp_p
     off on the CPU (the CUDA default is on)."""
     args = tg.finalize(tg.Args(prompt_file=prompt_file, out=str(tmp_path), compile="auto"))
     assert args.compile == ("on" if torch.cuda.is_available() else "off")
-    plumbing.write_config(tmp_path, plumbing.run_config(replace(args, compile="on"), plumbing.read_prompts(prompt_file)))
+    prompts = plumbing.read_prompts(prompt_file)
+    plumbing.write_config(tmp_path, plumbing.run_config(replace(args, compile="on"), prompts))
     resumed = replace(args, compile="off", resume=True)
     note = plumbing.check_out(resumed, plumbing.run_config(resumed, plumbing.read_prompts(prompt_file)))
     assert note and "--compile 'on' -> 'off'" in note
@@ -1559,6 +1581,7 @@ def test_evaluation_brings_the_offloaded_models_over_only_for_their_work(random_
             yield
         held.discard(name)
     monkeypatch.setattr(tg, "offload_models", offload_models)
+    monkeypatch.setattr(plumbing, "offload_models", offload_models)  # evaluation's scoring
     pipe.transformer.register_forward_hook(lambda *a: events.append("transformer " + ",".join(sorted(held))))
     reward_fn = reward.load_reward("color")
     scored = reward_fn
@@ -1590,7 +1613,7 @@ def test_the_resume_command_resumes_the_same_configuration(prompt_file):
             "--no-ema", "--eval-prompt-file", "", "--branch-steps", "0,2", "--gradient-checkpointing"]
     args = tg.parse_args(argv)
     for world, launcher in ((1, ["python"]), (2, ["torchrun", "--nproc_per_node", "2"])):
-        default = tg.defaults(args.tiny) | tg.METHODS[args.method] | {"compile": tg.auto_compile()}
+        default = tg.defaults(args.tiny) | tg.METHODS[args.method] | {"compile": tg.AUTO_COMPILE}
         words = shlex.split(plumbing.resume_command(args, world, default, tg.__file__))
         assert words[:len(launcher)] == launcher and Path(words[len(launcher)]).name == "tempflow_grpo.py"
         again = tg.parse_args(words[len(launcher) + 1:])
