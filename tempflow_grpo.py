@@ -6,10 +6,10 @@
     torchrun --nproc_per_node 8 tempflow_grpo.py --prompt-file prompts.txt ...           # the epoch over 8 GPUs
     python tempflow_grpo.py --method flow_grpo ...                                       # the baseline
 
-An epoch: from S initial noises per prompt, ODE trunks; at each branch step k, G SDE branches from the trunk's
-x_k, each finished by the ODE, its image's reward the process reward of step k, normalised over the G branches of
-one (prompt, seed, k); then the clipped GRPO loss (Flow-GRPO, arXiv 2505.05470, Eq. 5) of each transition x_k -> y,
-weighted by w_k, the std of step k over its mean, plus beta times the exact KL to the base model (LoRA off).
+An epoch: from each of S initial noises per prompt, an ODE trunk; at each branch step k, G SDE branches leave the
+trunk's x_k and the ODE finishes them, so a branch's reward is the process reward of step k, normalised over the G
+branches of one (prompt, seed, k). The clipped GRPO loss (Flow-GRPO, arXiv 2505.05470, Eq. 5) of each transition
+x_k -> y is weighted by w_k, step k's std over its mean, plus beta times the exact KL to the base model (LoRA off).
 README.md, "The method, formula by formula", gives each formula and its source, cited here as (method n). This file
 holds every line that decides a number a run produces; plumbing.py moves, checks, shows and keeps the run.
 
