@@ -17,7 +17,7 @@ import plumbing
 import reward
 import tempflow_grpo as tg
 import tiny_world
-from bench import sd35m
+from bench import nft, sd35m
 
 # The reference grid (T = 10, shift 3; README, method 1) and its noise-aware weights for k = 0..8 (method 5).
 REFERENCE_GRID = [1.0000, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.2780, 0.0089, 0.0]
@@ -691,6 +691,42 @@ def test_one_update_moves_the_log_prob_with_the_advantage(lora_pipe, advantage, 
         _, stats = tg.transition_loss(pipe.transformer, batch, rows, embeds, sigmas, torch.ones(6), args)
     # ratio = pi_new / pi_old over the same transitions: above 1 means their log-probability rose
     assert (stats["ratio_mean"] - 1) * advantage > 0 and stats["approx_kl"] > 0
+
+
+def test_diffusionnft_loss_matches_a_hand_computed_case():
+    """bench/nft.py's loss on two 2-element latents, worked by hand: the implicit positive and negative policies,
+    their x0 errors divided by their mean absolute error, weighted by r and 1 - r, scaled by adv_clip / beta, plus
+    kl_beta times the squared distance to the base model."""
+    r = nft.optimality(torch.tensor([5.0, -2.5, 0.0, 9.0]), adv_clip=5.0)
+    assert r.tolist() == [1.0, 0.25, 0.5, 1.0]
+    lat = lambda *rows: torch.tensor(rows).view(len(rows), 2, 1, 1)  # noqa: E731
+    x0, x_t = lat([1.0, 0.0], [0.0, 2.0]), lat([0.5, 0.5], [1.0, 1.0])
+    v, v_old, v_ref = lat([1.0, -1.0], [0.5, 0.5]), lat([0.0, 0.0], [1.0, -1.0]), lat([0.0, 0.0], [0.5, 0.5])
+    loss, stats = nft.nft_loss(v, v_old, v_ref, x0, x_t, torch.tensor([0.5, 1.0]), r[:2], beta=1.0, kl_beta=0.1,
+                               adv_clip=5.0)
+    # sample 0, r = 1: v+ = v = (1, -1), x0+ = (0, 1), e = (-1, 1), L+ = 1 / 1; v- = -v, x0- = x0, L- = 0 -> 5 * 1
+    # sample 1, r = 1/4: x0+ = (0.5, 0.5), e = (0.5, -1.5), L+ = 1.25 / 1; v- = 2 v_old - v = (1.5, -2.5),
+    # x0- = (-0.5, 3.5), e = (-0.5, 1.5), L- = 1.25 -> 5 * (0.25 * 1.25 + 0.75 * 1.25) = 6.25; KL 1 and 0
+    assert stats["policy_loss"].item() == pytest.approx((5 + 6.25) / 2)
+    assert stats["kl"].item() == pytest.approx(0.5)
+    assert loss.item() == pytest.approx((5 + 6.25) / 2 + 0.1 * 0.5)
+
+
+@pytest.mark.parametrize("advantage", [5.0, -5.0])
+def test_diffusionnft_pulls_v_toward_a_positive_sample_and_pushes_it_from_a_negative(advantage):
+    """On the first step (v_old = v), a gradient step on a sample with r = 1 brings v's clean-latent prediction
+    closer to the sample; with r = 0 it moves it away."""
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 2, 2, generator=gen), torch.randn(3, 4, 2, 2, generator=gen)
+    t = torch.tensor([0.2, 0.5, 0.9])
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    v = torch.randn(3, 4, 2, 2, generator=gen, requires_grad=True)
+    r = nft.optimality(torch.full((3,), advantage))
+    loss, _ = nft.nft_loss(v, v.detach(), v.detach(), x0, x_t, t, r, beta=0.5)
+    loss.backward()
+    error = lambda velocity: (x_t - t.view(-1, 1, 1, 1) * velocity - x0).flatten(1).norm(dim=1)  # noqa: E731
+    moved = error(v.detach() - 1e-3 * v.grad) - error(v.detach())
+    assert ((moved < 0) if advantage > 0 else (moved > 0)).all()
 
 
 def test_the_plumbing_never_imports_the_trainer():
