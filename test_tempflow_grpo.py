@@ -786,6 +786,18 @@ def exported_lora(out):
     return load_file(out / "lora" / "pytorch_lora_weights.safetensors")
 
 
+def test_diffusionnft_trains_the_tiny_pipeline_and_counts_its_evaluations(random_model, prompt_file, tmp_path):
+    """bench/nft.py's loop: two epochs on the random tiny pipeline move the exported LoRA off its start (B = 0), and
+    each epoch spends T evaluations per sample (the ODE rollout, no CFG) and 3 per trained (sample, noise level)."""
+    rows = nft.train(["--tiny", "--model", random_model, "--prompt-file", prompt_file, "--out", str(tmp_path / "nft"),
+                      "--reward", "color", "--steps", "4", "--branches", "2", "--seeds-per-prompt", "2",
+                      "--prompts-per-epoch", "2", "--lr", "3e-2", "--eval-prompt-file", "", "--epochs", "2"])
+    samples, levels = 2 * 4, int(4 * 0.99)  # 2 prompts x 4 samples; 3 of the 4 noise levels each
+    assert [row["nfe"] for row in rows] == [epoch * (samples * 4 + samples * levels * 3) for epoch in (1, 2)]
+    assert all(math.isfinite(row["loss"]) and row["transitions"] == samples * levels for row in rows)
+    assert any(v.abs().max() > 0 for k, v in exported_lora(tmp_path / "nft").items() if "lora_B" in k)
+
+
 def test_an_epochs_sampling_does_not_grow_with_its_prompts(pipe, random_model, prompt_file, tmp_path, monkeypatch):
     """Sampling, decoding and scoring go one chunk of --rollout-prompts prompts at a time: the largest tensor they
     create is the same at 2 and at 8 prompts per epoch, and an epoch keeps at most 32 images (its grid's)."""
