@@ -8,6 +8,7 @@
     python bench/compare.py hacking      # train on `color`, judge by geneval_toy held out     (24 min)
     python bench/compare.py samplers     # {SDE, CPS} x branch finishes, on color and geneval_toy (2.4 hours)
     python bench/compare.py branching_methods  # the three methods on color and geneval_toy (20 min, given samplers')
+    python bench/compare.py forward_process    # and DiffusionNFT (bench/nft.py), color and geneval_toy (30 min)
 
 Each -> bench/results/<study>.md and <study>.png. Each run trains the tiny world (`--tiny`) until --budget latents
 have gone through the transformer (rollouts and updates, CFG's halves counted; evaluation excluded), evaluated
@@ -21,6 +22,7 @@ import argparse
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +46,10 @@ FOUR = {"Flow-GRPO": FLOW_GRPO, "TempFlow-GRPO": TEMPFLOW, "branching, no weight
         "weighting, no branching": FLOW_GRPO + ["--weighting", "noise"]}  # Flow-GRPO first: the reference
 BRANCHING = {"Flow-GRPO": FLOW_GRPO, "TempFlow-GRPO": TEMPFLOW, "BranchGRPO": BRANCH_GRPO,
              "BranchGRPO, width-pruned (2 + 2 leaves)": BRANCH_GRPO + ["--prune-width", "2"]}
+NFT = ["--nft"]  # bench/nft.py's DiffusionNFT in place of tempflow_grpo.py
+FORWARD = {"Flow-GRPO": FLOW_GRPO, "TempFlow-GRPO": TEMPFLOW,  # the samplers study's best cheaper setting next
+           "TempFlow-GRPO, steps 0-3, F = 2": TEMPFLOW + ["--branch-steps", "0-3", "--finish-steps", "2"],
+           "BranchGRPO": BRANCH_GRPO, "DiffusionNFT": NFT}
 
 
 @dataclass
@@ -128,8 +134,16 @@ STUDIES = {
                                        "captions and evaluated on 16 held out", {"": BRANCHING},
                                        reward="geneval_toy", prompts=TRAIN, eval_prompts=HELDOUT, eval_samples=4,
                                        budget=60_000, at_wall=True, transitions=True),
+    "forward_process": Study("the branching methods against DiffusionNFT, which trains on the forward process from "
+                             "clean samples, at equal NFE, on `color`", {"": FORWARD}, budget=60_000, at_wall=True,
+                             transitions=True),
+    "forward_process_geneval": Study("the same five at equal NFE on the GenEval-style reward, trained on 40 captions "
+                                     "and evaluated on 16 held out", {"": FORWARD}, reward="geneval_toy",
+                                     prompts=TRAIN, eval_prompts=HELDOUT, eval_samples=4, budget=60_000,
+                                     at_wall=True, transitions=True),
 }
-ALSO = {"samplers": ["samplers_geneval"], "branching_methods": ["branching_methods_geneval"]}  # twins, other reward
+ALSO = {"samplers": ["samplers_geneval"], "branching_methods": ["branching_methods_geneval"],
+        "forward_process": ["forward_process_geneval"]}  # twins, other reward
 
 
 def heldout_split(per_category: int = 8, seed: int = 0):
@@ -173,10 +187,14 @@ def run(study: Study, flags: list[str], seed: int, args) -> Path:
     out = run_folder(study, flags, seed, args.runs)
     if spent(out) >= args.budget:
         return out
-    cmd = [sys.executable, str(ROOT / "tempflow_grpo.py"), "--tiny", "--reward", study.reward, "--prompt-file",
-           str(study.prompts), "--eval-prompt-file", str(eval_file(study, args.runs)), "--eval-every", "5",
+    nft = flags[:1] == NFT  # DiffusionNFT's runs do not resume: a shorter one is run again
+    if nft and out.exists():
+        shutil.rmtree(out)
+    script = ROOT / "bench" / "nft.py" if nft else ROOT / "tempflow_grpo.py"
+    cmd = [sys.executable, str(script), "--tiny", "--reward", study.reward, "--prompt-file", str(study.prompts),
+           "--eval-prompt-file", str(eval_file(study, args.runs)), "--eval-every", "5",
            "--eval-steps", "10", "--max-nfe", str(args.budget), "--epochs", "100000", "--seed", str(seed),
-           "--save-every", "1000", "--image-every", "1000", "--out", str(out), *flags]
+           "--save-every", "1000", "--image-every", "1000", "--out", str(out), *flags[nft:]]
     cmd += ["--resume"] if (out / "config.json").exists() else []
     cmd += ["--eval-reward", study.eval_reward] if study.eval_reward else []
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
@@ -233,16 +251,20 @@ def train_and_heldout(study: Study, args) -> list[str]:
     gains = {}  # (variant, stem) -> [seeds]
     with torch.no_grad():
         for seed in range(args.seeds):
-            run_args = tg.parse_args(["--tiny", "--prompt-file", str(train), "--seed", str(seed), "--eval-steps", "10"])
-            base = {stem: tg.evaluate(pipe, ps, reward_fn, run_args, grid)["eval_reward"]
-                    for stem, ps in prompts.items()}
+            bases = {}  # guidance -> the base model's score per caption file
             runs = {(f"{panel}: " * bool(panel) + variant): flags for panel, variants in study.panels.items()
                     for variant, flags in variants.items()}  # one name per run, the panel's in front
             for variant, flags in runs.items():
+                guidance = ["--guidance", "1"] * (flags[:1] == NFT)  # DiffusionNFT is evaluated as it trains
+                run_args = tg.parse_args(["--tiny", "--prompt-file", str(train), "--seed", str(seed), "--eval-steps",
+                                          "10", *guidance])
+                if run_args.guidance not in bases:
+                    bases[run_args.guidance] = {stem: tg.evaluate(pipe, ps, reward_fn, run_args, grid)["eval_reward"]
+                                                for stem, ps in prompts.items()}
                 pipe.load_lora_weights(run_folder(study, flags, seed, args.runs) / "lora")
                 for stem, ps in prompts.items():
                     score = tg.evaluate(pipe, ps, reward_fn, run_args, grid)["eval_reward"]
-                    gains.setdefault((variant, stem), []).append(score - base[stem])
+                    gains.setdefault((variant, stem), []).append(score - bases[run_args.guidance][stem])
                 pipe.unload_lora_weights()
     for variant in runs:
         lines.append(f"| {variant} | " + " | ".join(f"{np.mean(gains[variant, stem]):+.4f} +- "
@@ -285,7 +307,7 @@ def summarise(name: str, study: Study, args) -> list[str]:
             outs = [run_folder(study, flags, seed, args.runs) for seed in range(args.seeds)]
             for key in study.keys:
                 runs = [curve(out, key) for out in outs]
-                bases[key] = np.array([r[2][0] for r in runs])
+                bases.setdefault(key, {})[variant] = np.array([r[2][0] for r in runs])
                 curves[panel, variant, key] = np.stack([np.interp(grid, r[0], r[2] - r[2][0]) for r in runs])
             walls = [np.interp(args.budget, *curve(out, study.keys[0])[:2]) for out in outs]
             if variant == first:
@@ -309,9 +331,14 @@ def summarise(name: str, study: Study, args) -> list[str]:
             s, w = panel_weights(variants[first])
             lines += ["", "Noise-aware weights w_k at s_k: " + ", ".join(f"{a:.3f}: {b:.2f}" for a, b in zip(s, w))]
         lines.append("")
-    lines.append("Base model, mean over the seeds' evaluation noises: " + ", ".join(
-        f"{label(study, k)} {bases[k].mean():.4f} ({bases[k].min():.4f} .. {bases[k].max():.4f})"
-        for k in study.keys if k.startswith("eval")) + ".")
+    keys = [k for k in study.keys if k.startswith("eval")]
+    described = lambda variant: ", ".join(  # noqa: E731
+        f"{label(study, k)} {bases[k][variant].mean():.4f} ({bases[k][variant].min():.4f} .. "
+        f"{bases[k][variant].max():.4f})" for k in keys)
+    reference = next(iter(bases[keys[0]]))
+    other = [v for v in bases[keys[0]] if not np.array_equal(bases[keys[0]][v], bases[keys[0]][reference])]
+    lines.append("Base model, mean over the seeds' evaluation noises: " + described(reference) + "".join(
+        f"; {v}'s, evaluated at its own guidance: {described(v)}" for v in other) + ".")
     if study.eval_prompts != study.prompts:
         lines += [""] + train_and_heldout(study, args)
     plot(study, curves, grid, args.results / f"{name}.png")
