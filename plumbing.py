@@ -616,7 +616,7 @@ def scored(samples, reward_fn, device: torch.device, offload: bool, grid: Path, 
         prompts += chunk
     agree(failure)
     scores = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
-    save_grid(torch.cat(images), [f"{p} | {r:.3g}" for p, r in zip(prompts, scores["reward"][:shown].tolist())], grid)
+    save_grid(torch.cat(images), captioned(prompts, scores["reward"][:shown]), grid)
     return {f"eval_{k}": v[torch.isfinite(v)].mean().item() for k, v in scores.items()}
 
 
@@ -625,6 +625,11 @@ def grid_picks(images: int, most: int = 32) -> Tensor:
     shown = torch.zeros(images, dtype=torch.bool)
     shown[torch.linspace(0, images - 1, min(most, images)).long()] = True
     return shown
+
+
+def captioned(prompts: list[str], rewards: Tensor) -> list[str]:
+    """A grid's captions: each prompt with its image's reward [len(prompts)]."""
+    return [f"{prompt} | {r:.3g}" for prompt, r in zip(prompts, rewards.tolist())]
 
 
 def save_grid(images: Tensor, captions: list[str], path: Path, columns: int = 8, side: int = 192):

@@ -61,11 +61,11 @@ from torch import Tensor
 
 # The run's plumbing: none of these changes a number of a one-process run; gather, all_sum, agree, sum_gradients and
 # mean_over_processes make torchrun's N processes compute the one-process step.
-from plumbing import (agree, all_sum, check, check_settings, close_processes, compile_transformer, describe_epoch,
-                      ema_weights, gather, grid_picks, init_distributed, load_models, mean_over_processes,
-                      memory_advice, parse_steps, preflight, print0, progress, prompt_cuts, rank_and_world,
-                      resume_command, reward_metrics, RunFolder, said_once, scored, sum_gradients, Timer,
-                      without_truncation_warnings)
+from plumbing import (agree, all_sum, captioned, check, check_settings, close_processes, compile_transformer,
+                      describe_epoch, ema_weights, gather, grid_picks, init_distributed, load_models,
+                      mean_over_processes, memory_advice, parse_steps, preflight, print0, progress, prompt_cuts,
+                      rank_and_world, resume_command, reward_metrics, RunFolder, said_once, scored, sum_gradients,
+                      Timer, without_truncation_warnings)
 from reward import RewardServerError, reward_failure
 
 
@@ -811,9 +811,9 @@ def collect(pipe, args: Args, prompt_list: list[str], reward_fn, sigmas: Tensor,
     out = Rollout(*map(torch.cat, zip(*(part[0] for part in parts))))  # latents: none, they are decoded
     scores = {k: torch.cat([part[1][k] for part in parts]) for k in parts[0][1]}
     batch, metrics = trained_batch(out, scores, noise_prompt, args)
-    captions = [f"{prompts[p]} | {r:.3g}" for p, r in zip(noise_prompt[out.image_noise[shown]].tolist(),
-                                                          scores["reward"][shown].tolist())]
-    return batch, embeds, metrics, (torch.cat([part[2] for part in parts]), captions)
+    shown_prompts = [prompts[p] for p in noise_prompt[out.image_noise[shown]].tolist()]
+    return batch, embeds, metrics, (torch.cat([part[2] for part in parts]),
+                                    captioned(shown_prompts, scores["reward"][shown]))
 
 
 def transition_loss(transformer, batch: Batch, rows: Tensor, embeds: PromptEmbeds, sigmas: Tensor,

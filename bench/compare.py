@@ -19,6 +19,7 @@ in runs/bench/<setting>/<flags>-seed<n>, shared between studies (TempFlow-GRPO o
 four of them); a run with a smaller budget than asked is resumed up to it, so `--budget` can extend a study.
 """
 import argparse
+import json
 import os
 import random
 import re
@@ -255,13 +256,14 @@ def train_and_heldout(study: Study, args) -> list[str]:
             runs = {(f"{panel}: " * bool(panel) + variant): flags for panel, variants in study.panels.items()
                     for variant, flags in variants.items()}  # one name per run, the panel's in front
             for variant, flags in runs.items():
-                guidance = ["--guidance", "1"] * (flags[:1] == NFT)  # DiffusionNFT is evaluated as it trains
+                out = run_folder(study, flags, seed, args.runs)  # evaluated at the guidance it trained with
+                guidance = json.loads((out / "config.json").read_text())["guidance"]
                 run_args = tg.parse_args(["--tiny", "--prompt-file", str(train), "--seed", str(seed), "--eval-steps",
-                                          "10", *guidance])
+                                          "10", "--guidance", str(guidance)])
                 if run_args.guidance not in bases:
                     bases[run_args.guidance] = {stem: tg.evaluate(pipe, ps, reward_fn, run_args, grid)["eval_reward"]
                                                 for stem, ps in prompts.items()}
-                pipe.load_lora_weights(run_folder(study, flags, seed, args.runs) / "lora")
+                pipe.load_lora_weights(out / "lora")
                 for stem, ps in prompts.items():
                     score = tg.evaluate(pipe, ps, reward_fn, run_args, grid)["eval_reward"]
                     gains.setdefault((variant, stem), []).append(score - bases[run_args.guidance][stem])

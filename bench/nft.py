@@ -174,10 +174,7 @@ def train(argv: list[str] | None = None) -> list[dict]:
         # rollout: T velocities per sample; training: v, v_old and (beta > 0) v_ref per (sample, noise level)
         nfe += copies * (len(x0) * args.steps + len(pairs) * (3 if args.beta > 0 else 2))
         wall_s += time.time() - start
-        valid = scores["reward"][torch.isfinite(scores["reward"])]
-        row = dict(epoch=epoch, reward_mean=valid.mean().item(), reward_std=valid.std().item(), **totals,
-                   transitions=len(pairs), images=len(x0),
-                   zero_std_frac=zero_std.view(-1, per_prompt)[:, 0].float().mean().item(),
+        row = dict(epoch=epoch, **plumbing.reward_metrics(scores, rows_of, zero_std, len(pairs)), **totals,
                    old_decay=decay, nfe=nfe, wall_s=round(wall_s, 2))
         row |= {"base_" + k: v for k, v in base.items()} if epoch == 0 else {}
         last = epoch + 1 == args.epochs or 0 < args.max_nfe <= nfe
