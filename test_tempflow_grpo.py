@@ -17,7 +17,7 @@ import plumbing
 import reward
 import tempflow_grpo as tg
 import tiny_world
-from bench import nft, sd35m
+from bench import compare, nft, sd35m
 
 # The reference grid (T = 10, shift 3; README, method 1) and its noise-aware weights for k = 0..8 (method 5).
 REFERENCE_GRID = [1.0000, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.2780, 0.0089, 0.0]
@@ -796,6 +796,30 @@ def test_diffusionnft_trains_the_tiny_pipeline_and_counts_its_evaluations(random
     assert [row["nfe"] for row in rows] == [epoch * (samples * 4 + samples * levels * 3) for epoch in (1, 2)]
     assert all(math.isfinite(row["loss"]) and row["transitions"] == samples * levels for row in rows)
     assert any(v.abs().max() > 0 for k, v in exported_lora(tmp_path / "nft").items() if "lora_B" in k)
+    # bench/compare.py's time estimate reads the second epoch back as the rollout's forwards, the old policy's and
+    # the KL reference's, and the trained latents
+    config = json.loads((tmp_path / "nft" / "config.json").read_text())
+    assert compare.forwards(rows[1], rows[0]["nfe"], config) == (samples * 4, 2 * samples * levels, samples * levels)
+
+
+@pytest.mark.parametrize("flags", [[], ["--beta", "0"], ["--method", "flow_grpo"],
+                                   ["--method", "branch_grpo", "--guidance", "1"]])
+def test_the_time_estimate_splits_an_epochs_evaluations_as_the_trainer_counts_them(flags, prompt_file):
+    """bench/compare.py's estimated GPU seconds start from an epoch row's evaluations split into the rollout's, the
+    KL reference's and the trained latents: the rollout's are epoch_size's, with and without CFG and beta."""
+    args = tg.parse_args(["--tiny", "--prompt-file", prompt_file, *flags])
+    size = tg.epoch_size(args, plumbing.parse_steps(args.branch_steps, args.steps))
+    row = dict(nfe=100 + size["rollout_nfe"] + size["train_nfe"], transitions=size["transitions"])
+    trained = size["transitions"] * (2 if args.guidance > 1 else 1)
+    assert compare.forwards(row, 100, vars(args)) == (size["rollout_nfe"], trained * (args.beta > 0), trained)
+
+
+def test_the_time_estimates_unit_costs_give_back_the_epoch_they_were_measured_on():
+    """Unit costs taken from the H200's measured epoch (reference settings: CFG, beta > 0) estimate that epoch at
+    its measured seconds: sampling, decoding and scoring, and training, nothing counted twice or left out."""
+    epoch, reference = compare.H200_EPOCH, dict(guidance=tg.Args.guidance, beta=tg.Args.beta)
+    estimate = compare.gpu_seconds([epoch], reference, compare.unit_costs(epoch))
+    assert estimate[-1] == pytest.approx(epoch["sample_s"] + epoch["score_s"] + epoch["train_s"])
 
 
 def test_an_epochs_sampling_does_not_grow_with_its_prompts(pipe, random_model, prompt_file, tmp_path, monkeypatch):

@@ -14,7 +14,10 @@ Each -> bench/results/<study>.md and <study>.png. Each run trains the tiny world
 have gone through the transformer (rollouts and updates, CFG's halves counted; evaluation excluded), evaluated
 every 5 epochs by 10-step ODE samples of the evaluation captions from noise fixed by the seed (the EMA weights).
 A run is measured by its gain over the base model under that same noise. Curves are put on a common NFE grid by
-linear interpolation, then averaged over seeds; a variant's final value is its curve's at the budget. Runs live
+linear interpolation, then averaged over seeds; a variant's final value is its curve's at the budget. Beside NFE,
+every curve also runs against estimated GPU seconds at SD3.5-medium's shapes: each epoch's rollout forwards, other
+no-grad forwards (the KL reference, DiffusionNFT's old policy), trained latents and images scored, counted from the
+run's own rows, times unit costs from one epoch measured on an H200 (or --gpu-epoch's): an estimate. Runs live
 in runs/bench/<setting>/<flags>-seed<n>, shared between studies (TempFlow-GRPO on `color` is trained once for
 four of them); a run with a smaller budget than asked is resumed up to it, so `--budget` can extend a study.
 """
@@ -29,6 +32,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -66,7 +70,6 @@ class Study:
     budget: int = 60_000
     keys: tuple = ("eval_reward",)
     weights: bool = False  # draw each panel's noise-aware weights under it (their flags set the grid)
-    at_wall: bool = False  # also each variant's gain at the wall time its panel's first variant spent
     transitions: bool = False  # also the transitions each variant trained on within the budget
 
 
@@ -121,27 +124,25 @@ STUDIES = {
                      keys=("eval_reward", "eval_color", "kl")),
     "samplers": Study("CPS against the SDE, and branches finished by fewer ODE steps, at equal NFE, on `color`",
                       {"branch steps 0-8": sampler_panel(), "branch steps 0-3": sampler_panel("--branch-steps", "0-3")},
-                      budget=60_000, at_wall=True),
+                      budget=60_000),
     "samplers_geneval": Study("CPS against the SDE, and branches finished by fewer ODE steps, at equal NFE, on the "
                               "GenEval-style reward, trained on 40 captions and evaluated on 16 held out",
                               {"branch steps 0-8": sampler_panel(),
                                "branch steps 0-3": sampler_panel("--branch-steps", "0-3")},
                               reward="geneval_toy", prompts=TRAIN, eval_prompts=HELDOUT, eval_samples=4,
-                              budget=60_000, at_wall=True),
+                              budget=60_000),
     "branching_methods": Study("TempFlow-GRPO's one-step branches against BranchGRPO's tree (and Flow-GRPO), at "
-                               "equal NFE, on `color`", {"": BRANCHING}, budget=60_000, at_wall=True,
-                               transitions=True),
+                               "equal NFE, on `color`", {"": BRANCHING}, budget=60_000, transitions=True),
     "branching_methods_geneval": Study("the three methods at equal NFE on the GenEval-style reward, trained on 40 "
                                        "captions and evaluated on 16 held out", {"": BRANCHING},
                                        reward="geneval_toy", prompts=TRAIN, eval_prompts=HELDOUT, eval_samples=4,
-                                       budget=60_000, at_wall=True, transitions=True),
+                                       budget=60_000, transitions=True),
     "forward_process": Study("the branching methods against DiffusionNFT, which trains on the forward process from "
-                             "clean samples, at equal NFE, on `color`", {"": FORWARD}, budget=60_000, at_wall=True,
-                             transitions=True),
+                             "clean samples, at equal NFE, on `color`", {"": FORWARD}, budget=60_000, transitions=True),
     "forward_process_geneval": Study("the same five at equal NFE on the GenEval-style reward, trained on 40 captions "
                                      "and evaluated on 16 held out", {"": FORWARD}, reward="geneval_toy",
                                      prompts=TRAIN, eval_prompts=HELDOUT, eval_samples=4, budget=60_000,
-                                     at_wall=True, transitions=True),
+                                     transitions=True),
 }
 ALSO = {"samplers": ["samplers_geneval"], "branching_methods": ["branching_methods_geneval"],
         "forward_process": ["forward_process_geneval"]}  # twins, other reward
@@ -203,11 +204,55 @@ def run(study: Study, flags: list[str], seed: int, args) -> Path:
     return out
 
 
-def curve(out: Path, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(nfe, wall_s, value of key): the base model's at 0 (a KL of 0), then at every epoch that logged it."""
+# One epoch of tempflow_grpo.py at the reference settings, 1 prompt (4 seeds, T = 10, B = 0..8, G = 6, CFG, beta > 0),
+# measured on one H200 at SD3.5-medium's shapes: bf16, 512 px, eager, random weights (bench/README.md, "One GPU")
+H200_EPOCH = dict(nfe=3096, transitions=216, images=216, sample_s=26.22, score_s=8.79, train_s=24.36)
+
+
+class Costs(NamedTuple):
+    """Seconds per unit of work on the GPU an epoch row was measured on."""
+    forward: float  # one latent through the transformer without gradients: rollout, KL reference, old policy
+    trained: float  # one latent trained: its forward with gradients and its backward
+    image: float  # one image decoded and scored
+
+
+def forwards(row: dict, nfe_before: float, config: dict) -> tuple[float, float, float]:
+    """An epoch row's transformer evaluations as (rollout, other no-grad, trained) latents. A trained transition
+    is CFG's halves with gradients, plus as many without for the KL's reference (beta > 0) and for DiffusionNFT's
+    old policy (bench/nft.py); the rest of the epoch's evaluations are the rollout's."""
+    copies = tg.cfg_copies(config["guidance"])
+    trained = row["transitions"] * copies
+    frozen = trained * ((config["beta"] > 0) + ("nft" in config))
+    return row["nfe"] - nfe_before - trained - frozen, frozen, trained
+
+
+def unit_costs(row: dict) -> Costs:
+    """Costs from one measured epoch at the reference settings: its sampling seconds per rollout forward, its
+    decoding and scoring seconds per image, and its training seconds per transition less the reference forwards,
+    taken to cost what a rollout forward costs (an assumption: their micro-batches differ)."""
+    rollout, frozen, trained = forwards(row, 0, dict(guidance=tg.Args.guidance, beta=tg.Args.beta))
+    forward = row["sample_s"] / rollout
+    return Costs(forward, (row["train_s"] - frozen * forward) / trained, row["score_s"] / row["images"])
+
+
+def gpu_seconds(rows: list[dict], config: dict, costs: Costs) -> np.ndarray:
+    """Each epoch's end as estimated GPU seconds since the start: its forwards, trained latents and images at
+    `costs` (evaluation, outside the NFE budget, left out as well)."""
+    seconds, nfe = [], 0
+    for row in rows:
+        rollout, frozen, trained = forwards(row, nfe, config)
+        seconds.append((rollout + frozen) * costs.forward + trained * costs.trained + row["images"] * costs.image)
+        nfe = row["nfe"]
+    return np.cumsum(seconds)
+
+
+def curve(out: Path, key: str, costs: Costs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(nfe, wall_s, estimated GPU s at `costs`, value of key): the base model's at 0 (a KL of 0), then at every
+    epoch that logged it."""
     rows = plumbing.read_rows(out / "metrics.jsonl")
-    points = [(0.0, 0.0, rows[0].get("base_" + key, 0.0))] + [(r["nfe"], r["wall_s"], r[key]) for r in rows
-                                                                 if key in r]
+    gpu_s = gpu_seconds(rows, json.loads((out / "config.json").read_text()), costs)
+    points = [(0.0, 0.0, 0.0, rows[0].get("base_" + key, 0.0))] + [
+        (r["nfe"], r["wall_s"], s, r[key]) for r, s in zip(rows, gpu_s) if key in r]
     return tuple(np.array(column, dtype=float) for column in zip(*points))
 
 
@@ -292,41 +337,51 @@ def summarise(name: str, study: Study, args) -> list[str]:
              f"the evaluation noise too, so each run is measured by its gain over the base model under the same "
              f"noise; a difference is called within seed noise when the variants' min..max ranges of that gain "
              f"overlap.", ""]
-    if study.at_wall:
-        lines += ["An evaluation counts a forward pass once, whatever backward pass follows it; the last column "
-                  "reads each run's curve at the wall time its panel's first variant took (rollout, training, "
-                  "decoding and scoring; two runs at a time on this machine, so the seconds are rough).", ""]
+    c = args.costs
+    lines += [f"Time is estimated, not measured: each run's epochs put at the seconds one GPU would spend on them at "
+              f"SD3.5-medium's shapes, from the run's own counts (rollout forwards; the KL reference's and "
+              f"DiffusionNFT's old policy's forwards; trained latents, forward and backward; images decoded and "
+              f"scored) times unit costs from {args.costs_source}: {c.forward * 1e3:.1f} ms a forward, "
+              f"{c.trained * 1e3:.1f} ms a trained latent, {c.image * 1e3:.1f} ms an image (evaluation left out, "
+              f"as from the NFE). An evaluation counts a forward pass once, whatever backward pass follows it, so a "
+              f"method heavy in training costs more per NFE. A run that spent its budget sooner than the panel's "
+              f"first variant is read at its end. Wall seconds are this machine's (2 CPU cores, two runs at a "
+              f"time): rough.", ""]
+    seconds = {}  # (panel, variant) -> estimated GPU s [seeds, len(grid)]
     for panel, variants in study.panels.items():
         first = next(iter(variants))
         header = ["variant"] + [f"final {'gain in ' * k.startswith('eval')}{label(study, k)} (mean +- std)"
                                 for k in study.keys]
-        header += ["min .. max", f"NFE to reach {first}'s final", f"vs {first}", "wall s per run"]
-        header += [f"gain at {first}'s wall s"] if study.at_wall else []
+        header += ["min .. max", f"NFE to reach {first}'s final", f"vs {first}", "est. GPU min per run",
+                   f"est. GPU min to reach {first}'s final", f"gain at {first}'s est. GPU min", "wall s per run"]
         header += ["transitions trained per run"] if study.transitions else []
         lines += [f"## {panel}", ""] if panel else []
         lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for variant, flags in variants.items():
             outs = [run_folder(study, flags, seed, args.runs) for seed in range(args.seeds)]
             for key in study.keys:
-                runs = [curve(out, key) for out in outs]
-                bases.setdefault(key, {})[variant] = np.array([r[2][0] for r in runs])
-                curves[panel, variant, key] = np.stack([np.interp(grid, r[0], r[2] - r[2][0]) for r in runs])
-            walls = [np.interp(args.budget, *curve(out, study.keys[0])[:2]) for out in outs]
-            if variant == first:
-                first_wall = np.mean(walls)
+                runs = [curve(out, key, args.costs) for out in outs]
+                bases.setdefault(key, {})[variant] = np.array([r[3][0] for r in runs])
+                curves[panel, variant, key] = np.stack([np.interp(grid, r[0], r[3] - r[3][0]) for r in runs])
+            runs = [curve(out, study.keys[0], args.costs) for out in outs]
+            seconds[panel, variant] = np.stack([np.interp(grid, nfe, gpu_s) for nfe, _, gpu_s, _ in runs])
+            wall = np.mean([np.interp(args.budget, nfe, wall_s) for nfe, wall_s, _, _ in runs])
             gain, ref = (curves[panel, v, study.keys[0]] for v in (variant, first))
+            secs, ref_end = seconds[panel, variant], seconds[panel, first][:, -1].mean()
             final, ref_final = gain[:, -1], ref[:, -1]
             reach = first_reach(grid, gain.mean(0), ref_final.mean())
+            reach_s = first_reach(secs.mean(0), gain.mean(0), ref_final.mean())
+            at_time = [np.interp(ref_end, s, g) for s, g in zip(secs, gain)]
             apart = final.min() > ref_final.max() or final.max() < ref_final.min()
             cells = [variant] + [f"{curves[panel, variant, k][:, -1].mean():+.4f} +- "
                                  f"{curves[panel, variant, k][:, -1].std():.4f}" for k in study.keys]
             cells += [f"{final.min():+.4f} .. {final.max():+.4f}",
                       f"{reach:,.0f} ({reach / args.budget:.0%})" if reach is not None else "not reached",
                       "" if variant == first else f"{final.mean() - ref_final.mean():+.4f}, "
-                      f"{'apart' if apart else 'within seed noise'}", f"{np.mean(walls):.0f}"]
-            at_wall = [np.interp(first_wall, wall, value - value[0])
-                       for _, wall, value in (curve(out, study.keys[0]) for out in outs)]
-            cells += [f"{np.mean(at_wall):+.4f} +- {np.std(at_wall):.4f}"] if study.at_wall else []
+                      f"{'apart' if apart else 'within seed noise'}", f"{secs[:, -1].mean() / 60:.1f}",
+                      f"{reach_s / 60:.1f} ({reach_s / ref_end:.0%})" if reach_s is not None else "not reached",
+                      f"{np.mean(at_time):+.4f} +- {np.std(at_time):.4f}"
+                      + (" (its end)" if secs[:, -1].mean() < ref_end * 0.999 else ""), f"{wall:.0f}"]
             cells += [f"{np.mean([trained(out, args.budget) for out in outs]):,.0f}"] if study.transitions else []
             lines.append("| " + " | ".join(cells) + " |")
         if study.weights:
@@ -343,7 +398,7 @@ def summarise(name: str, study: Study, args) -> list[str]:
         f"; {v}'s, evaluated at its own guidance: {described(v)}" for v in other) + ".")
     if study.eval_prompts != study.prompts:
         lines += [""] + train_and_heldout(study, args)
-    plot(study, curves, grid, args.results / f"{name}.png")
+    plot(study, curves, seconds, grid, args.results / f"{name}.png")
     return lines
 
 
@@ -378,27 +433,32 @@ def branch_images(path: Path, prompts=("a red circle on the left", "two blue squ
             "| sampler, finish | mean geneval_toy of these branches |", "| --- | --- |", *lines, ""]
 
 
-def plot(study: Study, curves: dict, grid: np.ndarray, path: Path):
+def plot(study: Study, curves: dict, seconds: dict, grid: np.ndarray, path: Path):
+    """The gains against NFE (top row) and against estimated GPU minutes (below), then any panel's weights."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = 1 + study.weights  # one row of curves: the panels side by side, or the keys of a one-panel study
+    rows = 2 + study.weights  # the panels side by side, or the keys of a one-panel study
     cols = len(study.panels) if len(study.keys) == 1 else len(study.keys)
     fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 6.4), 3.6 * rows), squeeze=False)
     for c, (panel, variants) in enumerate(study.panels.items()):
-        for r, key in enumerate(study.keys):
-            ax = axes[r, c] if len(study.keys) == 1 else axes[0, r]
-            for variant in variants:
-                ys = curves[panel, variant, key]
-                ax.plot(grid, ys.mean(0), label=variant)
-                ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2)
+        for k, key in enumerate(study.keys):
+            column = c if len(study.keys) == 1 else k
             ylabel = f"gain in {label(study, key)} over the base" if key.startswith("eval") else label(study, key)
-            ax.set(title=panel or None, xlabel="transformer evaluations (NFE)", ylabel=ylabel)
-            ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            for r, xlabel in enumerate(("transformer evaluations (NFE)", "estimated GPU minutes (SD3.5-M shapes)")):
+                ax = axes[r, column]
+                for variant in variants:
+                    ys = curves[panel, variant, key]
+                    x = grid if r == 0 else seconds[panel, variant].mean(0) / 60
+                    ax.plot(x, ys.mean(0), label=variant)
+                    ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.2)
+                ax.set(title=panel or None, xlabel=xlabel, ylabel=ylabel)
+                if r == 0:
+                    ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
         if study.weights:
             s, w = panel_weights(variants[next(iter(variants))])
             axes[-1, c].plot(s, w, "o-", color="C1")
@@ -419,7 +479,20 @@ def main():
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--gpu-epoch", type=Path, help="unit costs from the first row of this .jsonl: one epoch of "
+                        "tempflow_grpo.py at the reference settings with 1 prompt, measured on a GPU (bench/gpu.py "
+                        "writes such rows to bench/results/gpu.jsonl); default: the H200's eager epoch")
     args = parser.parse_args()
+    if args.gpu_epoch:
+        try:
+            rows = [row for row in plumbing.read_rows(args.gpu_epoch) if "sample_s" in row]
+        except (OSError, ValueError):  # a folder, unreadable, not JSON lines
+            rows = []
+        if not rows:
+            parser.error(f"--gpu-epoch {args.gpu_epoch}: no epoch row with sample_s in it (a train() metrics row)")
+        args.costs, args.costs_source = unit_costs(rows[0]), f"the first epoch row of {args.gpu_epoch}"
+    else:
+        args.costs, args.costs_source = unit_costs(H200_EPOCH), "one eager epoch on an H200 (bench/README.md)"
     names = list(STUDIES) if args.studies == ["all"] else list(dict.fromkeys(
         n for name in args.studies for n in [name, *ALSO.get(name, [])]))
     unknown = [n for n in names if n not in STUDIES]
