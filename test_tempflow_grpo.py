@@ -822,6 +822,20 @@ def test_the_time_estimates_unit_costs_give_back_the_epoch_they_were_measured_on
     assert estimate[-1] == pytest.approx(epoch["sample_s"] + epoch["score_s"] + epoch["train_s"])
 
 
+def test_the_time_estimate_reads_bench_gpus_rows_by_step_and_names_a_missing_one(tmp_path):
+    """--gpu-epoch FILE --gpu-step S takes the unit costs from bench/gpu.py's row of that step, skipping a step
+    that failed; a file without one is a one-line error naming both flags."""
+    rows = tmp_path / "gpu.jsonl"
+    faster = {k: v / 2 if k.endswith("_s") else v for k, v in compare.H200_EPOCH.items()}
+    rows.write_text("\n".join(json.dumps(row) for row in [dict(step="80 GB eager", **compare.H200_EPOCH),
+                                                         dict(step="80 GB compiled", error="out of memory"),
+                                                         dict(step="48 GB compiled", **faster)]) + "\n")
+    assert compare.measured_costs(rows)[0] == compare.unit_costs(compare.H200_EPOCH)
+    assert compare.measured_costs(rows, "48 GB compiled")[0] == compare.unit_costs(faster)
+    with pytest.raises(ValueError, match="--gpu-epoch .*'80 GB compiled' .--gpu-step"):
+        compare.measured_costs(rows, "80 GB compiled")
+
+
 def test_an_epochs_sampling_does_not_grow_with_its_prompts(pipe, random_model, prompt_file, tmp_path, monkeypatch):
     """Sampling, decoding and scoring go one chunk of --rollout-prompts prompts at a time: the largest tensor they
     create is the same at 2 and at 8 prompts per epoch, and an epoch keeps at most 32 images (its grid's)."""

@@ -246,6 +246,21 @@ def gpu_seconds(rows: list[dict], config: dict, costs: Costs) -> np.ndarray:
     return np.cumsum(seconds)
 
 
+def measured_costs(path: Path | None, step: str = "") -> tuple[Costs, str]:
+    """Unit costs and where they come from: the H200's epoch without a path, else the first epoch row of a .jsonl
+    (bench/gpu.py's rows, each named by its step) whose step is `step`, if given. ValueError if there is none."""
+    if path is None:
+        return unit_costs(H200_EPOCH), "one eager epoch on an H200 (bench/README.md)"
+    try:
+        rows = [row for row in plumbing.read_rows(path) if "sample_s" in row and step in ("", row.get("step"))]
+    except (OSError, ValueError):  # a folder, unreadable, not JSON lines
+        rows = []
+    if not rows:
+        raise ValueError(f"--gpu-epoch {path}: no epoch row (a train() metrics row with sample_s)"
+                         + f" whose step is {step!r} (--gpu-step)" * bool(step))
+    return unit_costs(rows[0]), f"the epoch measured in {path}" + f" (step {step!r})" * bool(step)
+
+
 def curve(out: Path, key: str, costs: Costs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(nfe, wall_s, estimated GPU s at `costs`, value of key): the base model's at 0 (a KL of 0), then at every
     epoch that logged it."""
@@ -479,20 +494,16 @@ def main():
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--gpu-epoch", type=Path, help="unit costs from the first row of this .jsonl: one epoch of "
-                        "tempflow_grpo.py at the reference settings with 1 prompt, measured on a GPU (bench/gpu.py "
-                        "writes such rows to bench/results/gpu.jsonl); default: the H200's eager epoch")
+    parser.add_argument("--gpu-epoch", type=Path, help="unit costs from an epoch row in this .jsonl: one epoch of "
+                        "tempflow_grpo.py at the reference settings with 1 prompt, measured on a GPU, as bench/gpu.py "
+                        "writes them to bench/results/gpu.jsonl (default: the H200's eager epoch in bench/README.md)")
+    parser.add_argument("--gpu-step", default="", help="--gpu-epoch's row whose step is this (bench/gpu.py's "
+                        "'80 GB compiled', say); default: its first epoch row")
     args = parser.parse_args()
-    if args.gpu_epoch:
-        try:
-            rows = [row for row in plumbing.read_rows(args.gpu_epoch) if "sample_s" in row]
-        except (OSError, ValueError):  # a folder, unreadable, not JSON lines
-            rows = []
-        if not rows:
-            parser.error(f"--gpu-epoch {args.gpu_epoch}: no epoch row with sample_s in it (a train() metrics row)")
-        args.costs, args.costs_source = unit_costs(rows[0]), f"the first epoch row of {args.gpu_epoch}"
-    else:
-        args.costs, args.costs_source = unit_costs(H200_EPOCH), "one eager epoch on an H200 (bench/README.md)"
+    try:
+        args.costs, args.costs_source = measured_costs(args.gpu_epoch, args.gpu_step)
+    except ValueError as err:
+        parser.error(str(err))
     names = list(STUDIES) if args.studies == ["all"] else list(dict.fromkeys(
         n for name in args.studies for n in [name, *ALSO.get(name, [])]))
     unknown = [n for n in names if n not in STUDIES]
