@@ -359,34 +359,36 @@ def summarise(name: str, study: Study, args) -> list[str]:
               f"scored) times unit costs from {args.costs_source}: {c.forward * 1e3:.1f} ms a forward, "
               f"{c.trained * 1e3:.1f} ms a trained latent, {c.image * 1e3:.1f} ms an image (evaluation left out, "
               f"as from the NFE). An evaluation counts a forward pass once, whatever backward pass follows it, so a "
-              f"method heavy in training costs more per NFE. A run that spent its budget sooner than the panel's "
-              f"first variant is read at its end. Wall seconds are this machine's (2 CPU cores, two runs at a "
+              f"method heavy in training costs more per NFE. Equal time is read where the panel's shortest run "
+              f"ended, a time every run reached. Wall seconds are this machine's (2 CPU cores, two runs at a "
               f"time): rough.", ""]
     seconds = {}  # (panel, variant) -> estimated GPU s [seeds, len(grid)]
     for panel, variants in study.panels.items():
-        first = next(iter(variants))
+        first, outs, walls = next(iter(variants)), {}, {}
+        for variant, flags in variants.items():
+            outs[variant] = [run_folder(study, flags, seed, args.runs) for seed in range(args.seeds)]
+            for key in study.keys:
+                runs = [curve(out, key, args.costs) for out in outs[variant]]
+                bases.setdefault(key, {})[variant] = np.array([r[3][0] for r in runs])
+                curves[panel, variant, key] = np.stack([np.interp(grid, r[0], r[3] - r[3][0]) for r in runs])
+            seconds[panel, variant] = np.stack([np.interp(grid, nfe, gpu_s) for nfe, _, gpu_s, _ in runs])
+            walls[variant] = np.mean([np.interp(args.budget, nfe, wall_s) for nfe, wall_s, _, _ in runs])
+        common = min(seconds[panel, v][:, -1].min() for v in variants)  # equal time: every run got this far
         header = ["variant"] + [f"final {'gain in ' * k.startswith('eval')}{label(study, k)} (mean +- std)"
                                 for k in study.keys]
         header += ["min .. max", f"NFE to reach {first}'s final", f"vs {first}", "est. GPU min per run",
-                   f"est. GPU min to reach {first}'s final", f"gain at {first}'s est. GPU min", "wall s per run"]
+                   f"est. GPU min to reach {first}'s final", f"gain at {common / 60:.1f} est. GPU min",
+                   "wall s per run"]
         header += ["transitions trained per run"] if study.transitions else []
         lines += [f"## {panel}", ""] if panel else []
         lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-        for variant, flags in variants.items():
-            outs = [run_folder(study, flags, seed, args.runs) for seed in range(args.seeds)]
-            for key in study.keys:
-                runs = [curve(out, key, args.costs) for out in outs]
-                bases.setdefault(key, {})[variant] = np.array([r[3][0] for r in runs])
-                curves[panel, variant, key] = np.stack([np.interp(grid, r[0], r[3] - r[3][0]) for r in runs])
-            runs = [curve(out, study.keys[0], args.costs) for out in outs]
-            seconds[panel, variant] = np.stack([np.interp(grid, nfe, gpu_s) for nfe, _, gpu_s, _ in runs])
-            wall = np.mean([np.interp(args.budget, nfe, wall_s) for nfe, wall_s, _, _ in runs])
+        for variant in variants:
             gain, ref = (curves[panel, v, study.keys[0]] for v in (variant, first))
             secs, ref_end = seconds[panel, variant], seconds[panel, first][:, -1].mean()
             final, ref_final = gain[:, -1], ref[:, -1]
             reach = first_reach(grid, gain.mean(0), ref_final.mean())
             reach_s = first_reach(secs.mean(0), gain.mean(0), ref_final.mean())
-            at_time = [np.interp(ref_end, s, g) for s, g in zip(secs, gain)]
+            at_time = [np.interp(common, s, g) for s, g in zip(secs, gain)]
             apart = final.min() > ref_final.max() or final.max() < ref_final.min()
             cells = [variant] + [f"{curves[panel, variant, k][:, -1].mean():+.4f} +- "
                                  f"{curves[panel, variant, k][:, -1].std():.4f}" for k in study.keys]
@@ -395,9 +397,9 @@ def summarise(name: str, study: Study, args) -> list[str]:
                       "" if variant == first else f"{final.mean() - ref_final.mean():+.4f}, "
                       f"{'apart' if apart else 'within seed noise'}", f"{secs[:, -1].mean() / 60:.1f}",
                       f"{reach_s / 60:.1f} ({reach_s / ref_end:.0%})" if reach_s is not None else "not reached",
-                      f"{np.mean(at_time):+.4f} +- {np.std(at_time):.4f}"
-                      + (" (its end)" if secs[:, -1].mean() < ref_end * 0.999 else ""), f"{wall:.0f}"]
-            cells += [f"{np.mean([trained(out, args.budget) for out in outs]):,.0f}"] if study.transitions else []
+                      f"{np.mean(at_time):+.4f} +- {np.std(at_time):.4f}", f"{walls[variant]:.0f}"]
+            cells += [f"{np.mean([trained(out, args.budget) for out in outs[variant]]):,.0f}"] \
+                if study.transitions else []
             lines.append("| " + " | ".join(cells) + " |")
         if study.weights:
             s, w = panel_weights(variants[first])
