@@ -371,6 +371,7 @@ def summarise(name: str, study: Study, args) -> list[str]:
                 runs = [curve(out, key, args.costs) for out in outs[variant]]
                 bases.setdefault(key, {})[variant] = np.array([r[3][0] for r in runs])
                 curves[panel, variant, key] = np.stack([np.interp(grid, r[0], r[3] - r[3][0]) for r in runs])
+            runs = [curve(out, study.keys[0], args.costs) for out in outs[variant]]  # time at the gains' epochs
             seconds[panel, variant] = np.stack([np.interp(grid, nfe, gpu_s) for nfe, _, gpu_s, _ in runs])
             walls[variant] = np.mean([np.interp(args.budget, nfe, wall_s) for nfe, wall_s, _, _ in runs])
         common = min(seconds[panel, v][:, -1].min() for v in variants)  # equal time: every run got this far
